@@ -1,0 +1,1 @@
+"""Release checks: accuracy replay, load generation, statistics."""

@@ -1,0 +1,1 @@
+"""Dataset loading, deterministic splitting and fingerprints."""

@@ -1,0 +1,1 @@
+"""The TorchServe handler, the archiver and the model registry."""

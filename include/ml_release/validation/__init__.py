@@ -1,0 +1,1 @@
+"""great-expectations suites for input data and the runner that turns results into reports."""
