@@ -6,9 +6,16 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import tempfile
+
 import pytest
 
-from tests.support.services import start_moto
+# Airflow reads its configuration at import: give the test process its own throwaway home so
+# that the DAG tests never touch a developer's Airflow database or the demo stack's.
+os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="ml-release-airflow-test-"))
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+
+from tests.support.services import start_moto  # noqa: E402
 
 LAYER_MARKERS = ("dags", "unit", "integration", "e2e")
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,0 +1,459 @@
+"""The steps of ``release_model``: put a candidate beside production, check it, decide.
+
+Rollout state lives outside the task process: each check writes its evidence under the
+release's prefix in the bucket, and ``decide`` reads it back, so a crashed or retried task
+converges on the same decision (G26). A check that left no evidence counts as failed (G21).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ml_release.config import ReleaseSpec
+from ml_release.errors import (
+    ArtifactIntegrityError,
+    GateFailed,
+    MLReleaseError,
+    PreconditionFailedError,
+    ServingError,
+)
+from ml_release.naming import check_version, model_version_for_run
+from ml_release.packaging.registry import ModelRegistry
+from ml_release.pipeline.layout import Layout, RunRef
+from ml_release.serving.torchserve import TorchServeClient, TorchServeConfig
+from ml_release.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+CHECKS = ("pretraffic_gate", "check_accuracy", "check_load")
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    model_name: str
+    version: str
+    archive_uri: str
+    sha256: str
+    eval_dataset_uri: str
+    record: Mapping[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "record"}
+
+
+def mar_name(model: str, version: str) -> str:
+    return f"{model}-{check_version(version)}.mar"
+
+
+def version_url(config: TorchServeConfig, model: str, version: str | None = None) -> str:
+    base = f"{config.inference_url.rstrip('/')}/predictions/{model}"
+    return f"{base}/{check_version(version)}" if version else base
+
+
+# -- resolve_candidate -----------------------------------------------------------------------
+
+
+def resolve_candidate(
+    store: ObjectStore,
+    registry: ModelRegistry,
+    spec: ReleaseSpec,
+    run: RunRef,
+    conf: Mapping[str, Any],
+    asset_extra: Mapping[str, Any] | None,
+) -> Candidate:
+    model = spec.model_name
+    if conf.get("archive_uri"):
+        # An archive built upstream: register it under a version derived from this run, with the
+        # sha256 of the bytes as first seen, so that later tampering is caught (G16).
+        archive_uri = conf["archive_uri"]
+        if store.head(archive_uri) is None:
+            raise GateFailed(f"archive_uri {archive_uri} does not exist")
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            sha256 = store.download(archive_uri, Path(tmp) / "candidate.mar")
+        record, _ = registry.register_version(
+            {
+                "model_name": model,
+                "model_version": model_version_for_run(run.dag_id, run.run_id),
+                "archive_uri": archive_uri,
+                "sha256": sha256,
+                "eval_dataset_uri": conf["eval_dataset_uri"],
+                "source": {"dag_id": run.dag_id, "run_id": run.run_id, "upstream": True},
+            }
+        )
+    else:
+        version = conf.get("model_version") or (asset_extra or {}).get("model_version")
+        if not version:
+            raise GateFailed(
+                "no candidate: give model_version or archive_uri, or let a train_model candidate trigger the run"
+            )
+        found = registry.get_version(model, version)
+        if found is None:
+            raise GateFailed(f"model_version {version!r} is not registered for {model}")
+        record = found
+    eval_uri = conf.get("eval_dataset_uri") or record.get("eval_dataset_uri")
+    if not eval_uri:
+        eval_uri = (record.get("split") or {}).get("uris", {}).get("test")
+    if not eval_uri:
+        raise GateFailed(f"{model}/{record['model_version']}: no labelled evaluation set to judge it on")
+    return Candidate(model, record["model_version"], record["archive_uri"], record["sha256"], eval_uri, record)
+
+
+# -- preflight -------------------------------------------------------------------------------
+
+
+def golden_check(
+    client: TorchServeClient, spec: ReleaseSpec, version: str | None
+) -> dict[str, Any]:
+    """Send the spec's golden texts; each must answer 200 with a known label and finite scores."""
+    results, problems = [], []
+    for text in spec.release.golden_texts:
+        pred = client.predict(spec.model_name, {"text": text}, version=version)
+        latency_ms = pred.latency_s * 1000
+        problem = _prediction_problem(pred.status, pred.body, spec.data.labels)
+        if problem is None and latency_ms > spec.release.pretraffic_latency_budget_ms:
+            problem = f"latency {latency_ms:.0f} ms > budget {spec.release.pretraffic_latency_budget_ms:.0f} ms"
+        results.append({"text": text, "status": pred.status, "latency_ms": round(latency_ms, 1), "body": pred.body})
+        if problem:
+            problems.append(f"golden request {text[:40]!r}: {problem}")
+    return {"passed": not problems, "problems": problems, "requests": results}
+
+
+def _prediction_problem(status: int, body: Any, labels: Sequence[str]) -> str | None:
+    if status != 200:
+        return f"HTTP {status}: {str(body)[:200]}"
+    if not isinstance(body, dict) or body.get("label") not in labels:
+        return f"answer has no known label: {str(body)[:200]}"
+    scores = body.get("scores")
+    if not isinstance(scores, dict) or set(scores) != set(labels):
+        return f"answer's scores do not cover {list(labels)}"
+    values = [float(v) for v in scores.values()]
+    if not all(math.isfinite(v) for v in values) or abs(sum(values) - 1.0) > 1e-3:
+        return f"scores are not a finite distribution: {scores}"
+    return None
+
+
+def ensure_production_serving(
+    store: ObjectStore, registry: ModelRegistry, client: TorchServeClient, spec: ReleaseSpec, model_store: Path
+) -> str | None:
+    """Reconcile TorchServe with the registry: the production version is loaded and default.
+
+    After a TorchServe restart the server has forgotten its models; the registry has not.
+    """
+    alias = registry.production(spec.model_name)
+    if alias is None:
+        return None
+    if alias.version not in client.versions(spec.model_name):
+        record = registry.get_version(spec.model_name, alias.version)
+        if record is None:
+            raise MLReleaseError(f"production alias points at unregistered version {alias.version}")
+        log.info("production %s/%s is not loaded in TorchServe: loading it", spec.model_name, alias.version)
+        fetch_verified(store, record["archive_uri"], record["sha256"], model_store / mar_name(spec.model_name, alias.version))
+        client.register(mar_name(spec.model_name, alias.version), spec.model_name, initial_workers=spec.serving.workers)
+    client.wait_ready(spec.model_name, alias.version, spec.release.ready_timeout_s)
+    if client.default_version(spec.model_name) != alias.version:
+        client.set_default(spec.model_name, alias.version)
+    return alias.version
+
+
+def preflight(
+    store: ObjectStore,
+    registry: ModelRegistry,
+    client: TorchServeClient,
+    spec: ReleaseSpec,
+    model_store: Path,
+) -> dict[str, Any]:
+    """A release starts only while production is healthy, or when there is none yet (G25)."""
+    production = ensure_production_serving(store, registry, client, spec, model_store)
+    if production is None:
+        log.info("no production version of %s yet: this is the first release", spec.model_name)
+        return {"production_version": None, "healthy": True}
+    golden = golden_check(client, spec, production)
+    if not golden["passed"]:
+        raise GateFailed(f"production {production} is unhealthy: " + "; ".join(golden["problems"]))
+    return {"production_version": production, "healthy": True, "golden": golden}
+
+
+# -- verify_archive + deploy_canary ---------------------------------------------------------
+
+
+def fetch_verified(store: ObjectStore, archive_uri: str, expected_sha256: str, dest: Path) -> Path:
+    """Download into the model store and verify right before it can be registered (G16)."""
+    staged = dest.with_name(dest.name + ".unverified")
+    actual = store.download(archive_uri, staged)
+    if actual != expected_sha256:
+        staged.unlink(missing_ok=True)
+        raise ArtifactIntegrityError(
+            f"{archive_uri}: sha256 {actual[:16]}… does not match its registry record {expected_sha256[:16]}…; refused"
+        )
+    staged.replace(dest)
+    return dest
+
+
+def deploy_canary(
+    store: ObjectStore, client: TorchServeClient, spec: ReleaseSpec, candidate: Candidate, model_store: Path
+) -> dict[str, Any]:
+    """Register the candidate as a new version; TorchServe keeps the current default."""
+    name = mar_name(candidate.model_name, candidate.version)
+    if candidate.version in client.versions(candidate.model_name):
+        log.info("%s/%s is already registered, skipping", candidate.model_name, candidate.version)
+    else:
+        fetch_verified(store, candidate.archive_uri, candidate.sha256, model_store / name)
+        started = time.perf_counter()
+        client.register(name, candidate.model_name, initial_workers=spec.serving.workers)
+        log.info("registered %s in %.1fs", name, time.perf_counter() - started)
+    return {"mar": name, "default_version": client.default_version(candidate.model_name)}
+
+
+# -- checks ----------------------------------------------------------------------------------
+
+
+def pretraffic_gate(client: TorchServeClient, spec: ReleaseSpec, candidate: Candidate) -> dict[str, Any]:
+    """READY workers and sane golden answers before any traffic (G19)."""
+    started = time.perf_counter()
+    try:
+        workers = client.wait_ready(candidate.model_name, candidate.version, spec.release.ready_timeout_s)
+    except (ServingError, TimeoutError) as exc:
+        return {"passed": False, "reason": f"candidate never became READY: {exc}", "ready_workers": 0}
+    golden = golden_check(client, spec, candidate.version)
+    reason = "; ".join(golden["problems"]) or f"{workers} READY worker(s), golden requests valid"
+    return {
+        "passed": golden["passed"],
+        "reason": reason,
+        "ready_workers": workers,
+        "ready_in_s": round(time.perf_counter() - started, 2),
+        "golden": golden,
+    }
+
+
+def _replay(
+    config: TorchServeConfig, spec: ReleaseSpec, version: str, texts: Sequence[str], rate_per_s: float
+) -> list[str | None]:
+    from ml_release.analysis.loadgen import run_open_loop
+
+    result = run_open_loop(
+        version_url(config, spec.model_name, version),
+        [{"text": t} for t in texts],
+        rate_per_s=rate_per_s,
+        count=len(texts),
+        headers={"Authorization": f"Bearer {config.inference_token}"},
+        timeout_s=spec.release.load.timeout_s * 3,
+    )
+    return [s.body.get("label") if s.status == 200 and isinstance(s.body, dict) else None for s in result.samples]
+
+
+def check_accuracy(
+    store: ObjectStore,
+    config: TorchServeConfig,
+    spec: ReleaseSpec,
+    candidate: Candidate,
+    production_version: str | None,
+) -> dict[str, Any]:
+    """The labelled set through both versions, in the same window (G23)."""
+    frame = _read_labelled(store, spec, candidate.eval_dataset_uri)
+    frame = frame.sample(n=min(len(frame), spec.release.accuracy.max_samples), random_state=0)
+    texts, truth = frame["text"].tolist(), frame["label"].tolist()
+    rate = max(spec.release.load.rate_per_s, 20.0)
+
+    def accuracy(version: str) -> dict[str, Any]:
+        predicted = _replay(config, spec, version, texts, rate)
+        answered = sum(p is not None for p in predicted)
+        correct = sum(p == t for p, t in zip(predicted, truth, strict=True))
+        # Unanswered requests count as wrong: missing evidence never helps a candidate (G21).
+        return {"version": version, "n": len(texts), "answered": answered, "accuracy": correct / len(texts)}
+
+    cand = accuracy(candidate.version)
+    prod = accuracy(production_version) if production_version else None
+    acc_spec = spec.release.accuracy
+    problems = []
+    if not len(texts):
+        problems.append("no labelled rows to judge on")
+    if cand["accuracy"] < acc_spec.min_accuracy:
+        problems.append(f"accuracy {cand['accuracy']:.3f} < floor {acc_spec.min_accuracy:.3f}")
+    if prod is not None and cand["accuracy"] < prod["accuracy"] - acc_spec.max_regression:
+        problems.append(
+            f"accuracy {cand['accuracy']:.3f} < production {prod['accuracy']:.3f} - Δ {acc_spec.max_regression:.3f}"
+        )
+    reason = "; ".join(problems) or (
+        f"accuracy {cand['accuracy']:.3f} >= floor {acc_spec.min_accuracy:.3f}"
+        + (f" and within Δ {acc_spec.max_regression:.3f} of production {prod['accuracy']:.3f}" if prod else "")
+    )
+    return {"passed": not problems, "reason": reason, "candidate": cand, "production": prod,
+            "eval_dataset_uri": candidate.eval_dataset_uri}
+
+
+def _read_labelled(store: ObjectStore, spec: ReleaseSpec, uri: str) -> Any:
+    import io
+
+    import pandas as pd
+
+    raw = store.get_bytes(uri, max_bytes=spec.data.max_bytes)
+    if uri.endswith(".parquet"):
+        frame = pd.read_parquet(io.BytesIO(raw))
+    else:
+        frame = pd.read_csv(io.BytesIO(raw), encoding=spec.data.encoding)
+        frame = frame.rename(columns={spec.data.text_column: "text", spec.data.label_column: "label"})
+    missing = {"text", "label"} - set(frame.columns)
+    if missing:
+        raise GateFailed(f"evaluation set {uri} lacks column(s) {sorted(missing)}")
+    return frame[frame["label"].isin(spec.data.labels)]
+
+
+def check_load(
+    store: ObjectStore, config: TorchServeConfig, spec: ReleaseSpec, candidate: Candidate
+) -> dict[str, Any]:
+    """Open-loop load on the candidate's version URL, judged against the spec's SLO."""
+    from ml_release.analysis.loadgen import run_open_loop
+
+    load = spec.release.load
+    frame = _read_labelled(store, spec, candidate.eval_dataset_uri)
+    texts = frame["text"].tolist()[:500] or list(spec.release.golden_texts)
+    result = run_open_loop(
+        version_url(config, spec.model_name, candidate.version),
+        [{"text": t} for t in texts],
+        rate_per_s=load.rate_per_s,
+        count=load.requests,
+        headers={"Authorization": f"Bearer {config.inference_token}"},
+        timeout_s=load.timeout_s,
+    )
+    summary = result.summary()
+    limits = {"p50_ms": load.p50_ms, "p95_ms": load.p95_ms, "p99_ms": load.p99_ms}
+    problems = []
+    if result.count < 1000:
+        problems.append(f"only {result.count} requests: a p99 needs >= 1000 (inconclusive)")
+    for key, limit in limits.items():
+        value = summary[key]
+        if not math.isfinite(value) or value > limit:
+            problems.append(f"{key.removesuffix('_ms')} latency {value:.0f} ms > {limit:.0f} ms")
+    if not summary["error_rate"] <= load.max_error_rate:
+        problems.append(f"error rate {summary['error_rate']:.2%} > {load.max_error_rate:.2%}")
+    reason = "; ".join(problems) or (
+        f"p50 {summary['p50_ms']:.0f} ms, p95 {summary['p95_ms']:.0f} ms, p99 {summary['p99_ms']:.0f} ms, "
+        f"errors {summary['error_rate']:.2%} within SLO"
+    )
+    return {"passed": not problems, "reason": reason, "summary": summary, "slo": {**limits, "max_error_rate": load.max_error_rate}}
+
+
+# -- decide ----------------------------------------------------------------------------------
+
+
+def decide(
+    store: ObjectStore,
+    registry: ModelRegistry,
+    client: TorchServeClient,
+    spec: ReleaseSpec,
+    candidate: Candidate,
+    checks: Mapping[str, Mapping[str, Any] | None],
+    production_version: str | None,
+    release_id: str,
+) -> dict[str, Any]:
+    """Promote when every check passed on evidence; otherwise roll back. Never both."""
+    failed = [
+        f"{name}: {(result or {}).get('reason', 'no evidence (the check did not complete)')}"
+        for name, result in checks.items()
+        if not (result or {}).get("passed")
+    ]
+    model = spec.model_name
+    if not failed:
+        expected = registry.production(model)
+        if expected is not None and expected.version != production_version:
+            failed.append(f"production moved to {expected.version} during this release; not promoting over it")
+        else:
+            client.set_default(model, candidate.version)
+            try:
+                registry.set_production(model, candidate.version, release_id, expected)
+            except PreconditionFailedError as exc:
+                if production_version:
+                    client.set_default(model, production_version)
+                failed.append(f"lost the promotion race: {exc}")
+    if not failed:
+        reason = "every check passed: " + "; ".join(str(c["reason"]) for c in checks.values() if c)
+        return {"decision": "promoted", "reason": reason, "default_version": client.default_version(model)}
+    rollback_canary(client, model, candidate.version, production_version)
+    registry.append_history(
+        model, {"event": "rollback", "version": candidate.version, "release_id": release_id, "reason": failed}
+    )
+    return {
+        "decision": "rolled_back",
+        "reason": "; ".join(failed),
+        "default_version": client.default_version(model),
+    }
+
+
+def rollback_canary(client: TorchServeClient, model: str, version: str, production_version: str | None) -> None:
+    """Take the candidate out; production stays registered, default and warm (G24, G25)."""
+    if version == production_version:
+        return
+    if production_version and client.default_version(model) != production_version:
+        client.set_default(model, production_version)
+    client.unregister(model, version)
+
+
+def release_record(
+    spec: ReleaseSpec,
+    run: RunRef,
+    candidate: Candidate,
+    preflight_result: Mapping[str, Any] | None,
+    checks: Mapping[str, Mapping[str, Any] | None],
+    decision: Mapping[str, Any],
+) -> dict[str, Any]:
+    lineage = candidate.record
+    return {
+        "schema": "ml-release/release-record/v1",
+        "model_name": spec.model_name,
+        "release": {"dag_id": run.dag_id, "run_id": run.run_id, "key": run.key},
+        "recorded_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "candidate": candidate.to_dict(),
+        "previous_production_version": (preflight_result or {}).get("production_version"),
+        "inputs": {
+            "dataset_uri": lineage.get("dataset_uri"),
+            "training_run": lineage.get("source"),
+            "eval_dataset_uri": candidate.eval_dataset_uri,
+        },
+        "data_fingerprint": (lineage.get("split") or {}).get("fingerprint"),
+        "validation": lineage.get("validation"),
+        "training": lineage.get("training"),
+        "evaluation": lineage.get("evaluation"),
+        "archive": {"uri": candidate.archive_uri, "sha256": candidate.sha256},
+        "checks": dict(checks),
+        "decision": decision["decision"],
+        "reason": decision["reason"],
+        "default_version_after": decision.get("default_version"),
+    }
+
+
+def revert_production(
+    store: ObjectStore,
+    registry: ModelRegistry,
+    client: TorchServeClient,
+    spec: ReleaseSpec,
+    model_store: Path,
+    release_id: str,
+    reason: str,
+) -> dict[str, Any]:
+    """One step back to the previously promoted version, with no new analysis (G24)."""
+    model = spec.model_name
+    alias = registry.production(model)
+    if alias is None or alias.previous_version is None:
+        raise GateFailed(f"{model} has no previous production version to roll back to")
+    target = alias.previous_version
+    record = registry.get_version(model, target)
+    if record is None:
+        raise MLReleaseError(f"previous version {target} is not in the registry")
+    if target not in client.versions(model):
+        fetch_verified(store, record["archive_uri"], record["sha256"], model_store / mar_name(model, target))
+        client.register(mar_name(model, target), model, initial_workers=spec.serving.workers)
+    client.wait_ready(model, target, spec.release.ready_timeout_s)
+    client.set_default(model, target)
+    registry.set_production(model, target, release_id, alias)
+    registry.append_history(model, {"event": "revert", "version": target, "from_version": alias.version,
+                                    "release_id": release_id, "reason": reason})
+    return {"from_version": alias.version, "to_version": target, "reason": reason}

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Create .venv with every pinned dependency and the project installed; safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v java >/dev/null 2>&1; then
+  echo "setup: TorchServe needs Java 17, and 'java' is not on PATH." >&2
+  echo "       Debian/Ubuntu: sudo apt-get update && sudo apt-get install -y openjdk-17-jre-headless" >&2
+  exit 1
+fi
+java_major=$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1)
+if [ "${java_major:-0}" -lt 17 ]; then
+  echo "setup: TorchServe needs Java 17 or newer; found Java ${java_major:-unknown}." >&2
+  exit 1
+fi
+if ! command -v curl >/dev/null 2>&1; then
+  echo "setup: the demo's last step uses curl; install it (apt-get install -y curl)." >&2
+  exit 1
+fi
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.requirements.sha256
+want=$(sha256sum requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "setup: installing pinned dependencies into .venv (first time: a few minutes)"
+  .venv/bin/python -m pip install --quiet pip==26.3
+  .venv/bin/python -m pip install --quiet -r requirements.txt
+  .venv/bin/python -m pip install --quiet --no-deps -e .
+  echo "$want" > "$stamp"
+fi
