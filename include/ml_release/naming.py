@@ -18,7 +18,7 @@ _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 # JSON-schema patterns used by the DAG Params; kept beside the checks they mirror.
 MODEL_NAME_PATTERN = _MODEL_NAME.pattern
-S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/(?!.*(^|/)\.\.?(/|$))[^\x00-\x1f\x7f]+$"
+S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/(?!(.*/)?\.\.?(/|$))(?!.*//)[^\x00-\x1f\x7f]+$"
 VERSION_PATTERN = _VERSION.pattern
 
 
