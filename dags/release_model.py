@@ -95,4 +95,4 @@ with DAG(
     deployed >> gate >> accuracy >> load
     decision = decide(candidate)
     load >> decision
-    decision >> cleanup_canary(candidate).as_teardown(setups=deployed)
+    decision >> cleanup_canary(candidate).as_teardown(setups=deployed)  # type: ignore[arg-type]

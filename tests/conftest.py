@@ -2,11 +2,10 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-
-import tempfile
 
 import pytest
 
@@ -15,7 +14,7 @@ import pytest
 os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="ml-release-airflow-test-"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 
-from tests.support.services import start_moto  # noqa: E402
+from tests.support.services import start_moto
 
 LAYER_MARKERS = ("dags", "unit", "integration", "e2e")
 ROOT = Path(__file__).resolve().parents[1]

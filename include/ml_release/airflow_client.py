@@ -32,7 +32,9 @@ class AirflowClient:
         self._session = requests.Session()
         self._session.trust_env = False  # loopback only; never through a proxy
         resp = self._session.post(
-            f"{self.base_url}/auth/token", json={"username": username, "password": password}, timeout=timeout_s
+            f"{self.base_url}/auth/token",
+            json={"username": username, "password": password},
+            timeout=timeout_s,
         )
         if resp.status_code >= 300:
             raise AirflowAPIError(resp.status_code, resp.text)

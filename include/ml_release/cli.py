@@ -1,7 +1,7 @@
 """``ml-release``: run the embedded stack and the demo release.
 
-    ml-release stack start|stop|status
-    ml-release demo            # start the stack if needed, then release the sample model
+ml-release stack start|stop|status
+ml-release demo            # start the stack if needed, then release the sample model
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from ml_release.stack import StackSettings
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ml-release", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="ml-release", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     stack = sub.add_parser("stack", help="start, stop or inspect the local stack")
     stack.add_argument("action", choices=["start", "stop", "status"])

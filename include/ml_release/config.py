@@ -93,9 +93,7 @@ class TrainingSpec:
 
     def __post_init__(self) -> None:
         if self.profile not in self.profiles:
-            raise SpecError(
-                f"training.profile: {self.profile!r} is not one of {sorted(self.profiles)}"
-            )
+            raise SpecError(f"training.profile: {self.profile!r} is not one of {sorted(self.profiles)}")
 
     @property
     def active(self) -> TrainingProfile:
@@ -255,10 +253,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if origin in (Mapping, dict):
         if not isinstance(value, Mapping):
             raise SpecError(f"{path}: expected a mapping")
-        return types.MappingProxyType(
-            {str(k): _coerce(args[1], v, f"{path}.{k}") for k, v in value.items()}
-        )
-    if dataclasses.is_dataclass(tp):
+        return types.MappingProxyType({str(k): _coerce(args[1], v, f"{path}.{k}") for k, v in value.items()})
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return build(tp, value, path)
     if tp is bool:
         if not isinstance(value, bool):

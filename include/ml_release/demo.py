@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import shlex
@@ -41,10 +42,9 @@ def drop_sample_dataset(s: StackSettings, day: dt.date) -> str:
     from ml_release.errors import ObjectExistsError
 
     uri = f"s3://{s.bucket}/datasets/tweets/{day.isoformat()}/tweets.csv"
-    try:
+    # Today's drop may already be there: an upstream system drops once a day.
+    with contextlib.suppress(ObjectExistsError):
         object_store(s).put(uri, sample_dataset_path().read_bytes(), create_only=True, content_type="text/csv")
-    except ObjectExistsError:
-        pass  # today's drop is already there: an upstream system drops once a day
     return uri
 
 
@@ -86,7 +86,11 @@ def run_demo(s: StackSettings, echo: Callable[[str], None] = print) -> int:
     started = time.monotonic()
 
     def progress(dag_id: str) -> Callable[[str, str | None], None]:
-        return lambda task_id, state: echo(f"  [{time.monotonic() - started:6.0f}s] {dag_id}.{task_id}: {state}")
+        def show(task_id: str, state: str | None) -> None:
+            if state is not None:
+                echo(f"  [{time.monotonic() - started:6.0f}s] {dag_id}.{task_id}: {state}")
+
+        return show
 
     client = airflow_client(s)
     wait_for_dags(client, ("train_model", "release_model"))
@@ -132,15 +136,24 @@ def _print_durations(client: AirflowClient, dag_id: str, run_id: str, echo: Call
 def _curl_production(s: StackSettings, echo: Callable[[str], None]) -> int:
     key = json.loads((s.torchserve().home / "key_file.json").read_text())["inference"]["key"]
     cmd = [
-        "curl", "-sS", "--fail-with-body", "-X", "POST",
+        "curl",
+        "-sS",
+        "--fail-with-body",
+        "-X",
+        "POST",
         f"http://127.0.0.1:{s.ts_inference_port}/predictions/sentiment",
-        "-H", "Content-Type: application/json",
-        "-H", "Authorization: Bearer $INFERENCE_TOKEN",
-        "-d", json.dumps({"text": "I can't wait to ride in a self-driving car!"}),
+        "-H",
+        "Content-Type: application/json",
+        "-H",
+        "Authorization: Bearer $INFERENCE_TOKEN",
+        "-d",
+        json.dumps({"text": "I can't wait to ride in a self-driving car!"}),
     ]
     echo("asking the promoted model:")
-    echo("  INFERENCE_TOKEN=$(python -c \"import json;print(json.load(open('"
-         f"{s.torchserve().home / 'key_file.json'}'))['inference']['key'])\")")
+    echo(
+        "  INFERENCE_TOKEN=$(python -c \"import json;print(json.load(open('"
+        f"{s.torchserve().home / 'key_file.json'}'))['inference']['key'])\")"
+    )
     echo("  " + " ".join(shlex.quote(c) if "$" not in c else f'"{c}"' for c in cmd))
     real = [c.replace("$INFERENCE_TOKEN", key) for c in cmd]
     out = subprocess.run(real, capture_output=True, text=True, check=False)

@@ -114,8 +114,7 @@ def conf_errors(dag_id: str, conf: Any) -> list[str]:
         return [f"conf: must be a JSON object, got {type(conf).__name__}"]
     schemas = schema_of(dag_id)
     errors = [
-        f"conf.{key}: unknown key (allowed: {', '.join(sorted(schemas))})"
-        for key in sorted(set(conf) - set(schemas))
+        f"conf.{key}: unknown key (allowed: {', '.join(sorted(schemas))})" for key in sorted(set(conf) - set(schemas))
     ]
     for key in sorted(set(conf) & set(schemas)):
         validator = jsonschema.Draft7Validator(schemas[key])

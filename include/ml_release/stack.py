@@ -196,8 +196,13 @@ def _spawn(s: StackSettings, name: str, cmd: list[str], env: Mapping[str, str], 
     _pidfile(s, name).parent.mkdir(parents=True, exist_ok=True)
     log = (s.logs / f"{name}.log").open("ab")
     proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        env={**os.environ, **env}, cwd=cwd, start_new_session=True,
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **env},
+        cwd=cwd,
+        start_new_session=True,
     )
     _pidfile(s, name).write_text(str(proc.pid))
     return proc.pid
@@ -258,8 +263,12 @@ def start(s: StackSettings, echo: Callable[[str], None] = print) -> None:
         _secret(s.passwords_file, lambda: json.dumps({"admin": secrets.token_urlsafe(16)}))
         echo(f"starting Airflow standalone on {s.airflow_url} (first start migrates the database)")
         _spawn(s, "airflow", [_bin("airflow"), "standalone"], env, s.airflow_home)
-    _wait(lambda: _http_ok(f"{s.airflow_url}/api/v2/monitor/health"), 240, "Airflow API server",
-          s.logs / "airflow.log")
+    _wait(
+        lambda: _http_ok(f"{s.airflow_url}/api/v2/monitor/health"),
+        240,
+        "Airflow API server",
+        s.logs / "airflow.log",
+    )
     write_env_file(s, env)
     echo(f"stack is up; logs in {s.logs}; `source {s.home / 'stack.env'}` to use its Airflow CLI")
 
@@ -295,8 +304,12 @@ def status(s: StackSettings) -> dict[str, Any]:
     return {
         "home": str(s.home),
         "logs": str(s.logs),
-        "s3": {"running": _http_ok(s.s3_endpoint), "pid": _alive(s, "moto"), "endpoint": s.s3_endpoint,
-               "bucket": s.bucket},
+        "s3": {
+            "running": _http_ok(s.s3_endpoint),
+            "pid": _alive(s, "moto"),
+            "endpoint": s.s3_endpoint,
+            "bucket": s.bucket,
+        },
         "torchserve": ts_status,
         "airflow": {
             "running": _http_ok(f"{s.airflow_url}/api/v2/monitor/health"),

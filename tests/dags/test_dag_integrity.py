@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -33,9 +34,9 @@ def test_dag_id_equals_file_stem(dagbag, path: Path) -> None:  # type: ignore[no
 @pytest.mark.parametrize("path", DAG_FILES, ids=[p.stem for p in DAG_FILES])
 def test_dag_file_imports_no_heavy_module_at_parse_time(path: Path) -> None:
     code = (
-        "import sys, runpy; sys.path[:0] = [%r, %r]; runpy.run_path(%r); "
-        "print(','.join(m for m in %r if m in sys.modules))"
-    ) % (str(ROOT / "dags"), str(ROOT / "include"), str(path), HEAVY)
+        "import sys, runpy; sys.path[:0] = [{!r}, {!r}]; runpy.run_path({!r}); "
+        "print(','.join(m for m in {!r} if m in sys.modules))"
+    ).format(str(ROOT / "dags"), str(ROOT / "include"), str(path), HEAVY)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
 
@@ -44,7 +45,7 @@ def test_train_model_task_graph(dagbag) -> None:  # type: ignore[no-untyped-def]
     dag = dagbag.dags["train_model"]
     order = ["validate_data", "split", "train", "evaluate", "package", "publish_candidate"]
     assert set(dag.task_ids) == set(order)
-    for upstream, downstream in zip(order, order[1:], strict=False):
+    for upstream, downstream in itertools.pairwise(order):
         assert downstream in dag.get_task(upstream).downstream_task_ids
     assert dag.get_task("validate_data").retries == 0
     assert [o.name for o in dag.get_task("publish_candidate").outlets] == ["ml_release_model_candidates"]
@@ -57,7 +58,7 @@ def test_release_model_runs_on_candidates_and_always_cleans_up(dagbag) -> None: 
     assert cleanup.is_teardown
     assert dag.get_task("decide").trigger_rule == "all_done"
     gates = ["deploy_canary", "pretraffic_gate", "check_accuracy", "check_load", "decide"]
-    for upstream, downstream in zip(gates, gates[1:], strict=False):
+    for upstream, downstream in itertools.pairwise(gates):
         assert downstream in dag.get_task(upstream).downstream_task_ids
 
 

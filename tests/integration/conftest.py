@@ -5,16 +5,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from ml_release.config import ServingSpec
 from ml_release.serving.local import LocalTorchServeSettings
 from ml_release.serving.torchserve import TorchServeClient, TorchServeConfig
-
 from tests.support.services import free_port
 
 # One worker, one thread, no batching delay: the machine is small and shared.
-TEST_SERVING = ServingSpec(
-    batch_size=4, max_batch_delay_ms=5, workers=1, response_timeout_s=30, torch_threads=1
-)
+TEST_SERVING = ServingSpec(batch_size=4, max_batch_delay_ms=5, workers=1, response_timeout_s=30, torch_threads=1)
 TINY_LABELS = ("negative", "neutral", "positive")
 
 

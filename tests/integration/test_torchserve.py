@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 import requests
-from ml_release.serving.torchserve import TorchServeAPIError, TorchServeClient
 
+from ml_release.serving.torchserve import TorchServeAPIError, TorchServeClient
 from tests.integration.conftest import TINY_LABELS, LocalTorchServe
 from tests.support.services import wait_until
 
@@ -109,9 +109,7 @@ def test_a_request_without_the_right_token_is_refused(
     assert "Token Authorization failed" in resp.json()["message"]
 
 
-def test_the_management_token_does_not_open_the_inference_api(
-    torchserve: LocalTorchServe, two_versions: str
-) -> None:
+def test_the_management_token_does_not_open_the_inference_api(torchserve: LocalTorchServe, two_versions: str) -> None:
     resp = requests.post(
         f"{torchserve.config.inference_url}/predictions/{two_versions}",
         json={"text": "hi"},
@@ -190,6 +188,7 @@ def test_registering_an_http_url_is_refused(torchserve_client: TorchServeClient)
 
 def test_the_management_api_listens_on_loopback_only(torchserve: LocalTorchServe) -> None:
     import psutil
+
     from ml_release.serving import local
 
     pid = local.status(torchserve.settings)["pid"]
@@ -240,13 +239,9 @@ def test_status_reports_the_running_instance(torchserve: LocalTorchServe, two_ve
     ]
 
 
-def test_the_worker_runs_the_ml_release_bundled_in_the_archive(
-    torchserve: LocalTorchServe, two_versions: str
-) -> None:
+def test_the_worker_runs_the_ml_release_bundled_in_the_archive(torchserve: LocalTorchServe, two_versions: str) -> None:
     log = (torchserve.settings.log_dir / "model_log.log").read_text(encoding="utf-8", errors="replace")
-    loaded = [
-        line.rsplit("ml_release=", 1)[1] for line in log.splitlines() if "ml-release handler ready" in line
-    ]
+    loaded = [line.rsplit("ml_release=", 1)[1] for line in log.splitlines() if "ml-release handler ready" in line]
     assert loaded
     home_tmp = str(torchserve.settings.home / "tmp" / "models")
     assert all(path.startswith(home_tmp) for path in loaded), loaded

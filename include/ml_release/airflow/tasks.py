@@ -108,16 +108,18 @@ def train(context: Mapping[str, Any], split_result: Mapping[str, Any]) -> dict[s
         raise AirflowFailException(
             f"training.backend {ctx.spec.training.backend!r} is not available in this deployment"
         )
-    cmd = training.trainer_command(ctx.spec, profile, split_result["uris"]["train"],
-                                   split_result["uris"]["validation"], output_uri)
+    cmd = training.trainer_command(
+        ctx.spec, profile, split_result["uris"]["train"], split_result["uris"]["validation"], output_uri
+    )
     log.info("running the trainer: %s", " ".join(cmd[:4]) + " …")
     result = training.train_local(cmd, ctx.store_hook.child_env(), ctx.spec.training.timeout_seconds)
     return {"output_uri": output_uri, "profile": ctx.spec.training.profile, **result}
 
 
 @fail_fast_on_verdicts
-def evaluate(context: Mapping[str, Any], split_result: Mapping[str, Any],
-             train_result: Mapping[str, Any]) -> dict[str, Any]:
+def evaluate(
+    context: Mapping[str, Any], split_result: Mapping[str, Any], train_result: Mapping[str, Any]
+) -> dict[str, Any]:
     from ml_release.pipeline import training
 
     ctx = _train_ctx(context)
@@ -125,8 +127,13 @@ def evaluate(context: Mapping[str, Any], split_result: Mapping[str, Any],
 
 
 @fail_fast_on_verdicts
-def package(context: Mapping[str, Any], validation: Mapping[str, Any], split_result: Mapping[str, Any],
-            train_result: Mapping[str, Any], evaluation: Mapping[str, Any]) -> dict[str, Any]:
+def package(
+    context: Mapping[str, Any],
+    validation: Mapping[str, Any],
+    split_result: Mapping[str, Any],
+    train_result: Mapping[str, Any],
+    evaluation: Mapping[str, Any],
+) -> dict[str, Any]:
     from ml_release.pipeline import training
 
     ctx = _train_ctx(context)
@@ -138,8 +145,9 @@ def package(context: Mapping[str, Any], validation: Mapping[str, Any], split_res
         "training": {"profile": train_result.get("profile"), "metrics": train_result.get("metrics")},
         "evaluation": {k: evaluation[k] for k in ("metrics_uri", "metrics", "baseline", "production", "blessing")},
     }
-    record = training.package(ctx.store, ctx.layout, ctx.registry, ctx.spec, ctx.run, lineage,
-                              train_result["output_uri"])
+    record = training.package(
+        ctx.store, ctx.layout, ctx.registry, ctx.spec, ctx.run, lineage, train_result["output_uri"]
+    )
     return {k: record[k] for k in ("model_name", "model_version", "archive_uri", "sha256")}
 
 
@@ -182,8 +190,9 @@ def preflight(context: Mapping[str, Any]) -> dict[str, Any]:
     from ml_release.pipeline import release
 
     ctx = Ctx(context)
-    result = release.preflight(ctx.store, ctx.registry, ctx.torchserve.get_client(), ctx.spec,
-                               ctx.torchserve.model_store())
+    result = release.preflight(
+        ctx.store, ctx.registry, ctx.torchserve.get_client(), ctx.spec, ctx.torchserve.model_store()
+    )
     ctx.store.put_json(_check_uri(ctx, "preflight"), result)
     return result
 
@@ -193,8 +202,13 @@ def deploy_canary(context: Mapping[str, Any], candidate: Mapping[str, Any]) -> d
     from ml_release.pipeline import release
 
     ctx = Ctx(context)
-    return release.deploy_canary(ctx.store, ctx.torchserve.get_client(), ctx.spec, _candidate(ctx, candidate),
-                                 ctx.torchserve.model_store())
+    return release.deploy_canary(
+        ctx.store,
+        ctx.torchserve.get_client(),
+        ctx.spec,
+        _candidate(ctx, candidate),
+        ctx.torchserve.model_store(),
+    )
 
 
 def _run_check(context: Mapping[str, Any], name: str, check: Callable[[Ctx], dict[str, Any]]) -> dict[str, Any]:
@@ -211,26 +225,41 @@ def _run_check(context: Mapping[str, Any], name: str, check: Callable[[Ctx], dic
 def pretraffic_gate(context: Mapping[str, Any], candidate: Mapping[str, Any]) -> dict[str, Any]:
     from ml_release.pipeline import release
 
-    return _run_check(context, "pretraffic_gate", lambda ctx: release.pretraffic_gate(
-        ctx.torchserve.get_client(), ctx.spec, _candidate(ctx, candidate)))
+    return _run_check(
+        context,
+        "pretraffic_gate",
+        lambda ctx: release.pretraffic_gate(ctx.torchserve.get_client(), ctx.spec, _candidate(ctx, candidate)),
+    )
 
 
 @fail_fast_on_verdicts
-def check_accuracy(context: Mapping[str, Any], candidate: Mapping[str, Any],
-                   preflight_result: Mapping[str, Any]) -> dict[str, Any]:
+def check_accuracy(
+    context: Mapping[str, Any], candidate: Mapping[str, Any], preflight_result: Mapping[str, Any]
+) -> dict[str, Any]:
     from ml_release.pipeline import release
 
-    return _run_check(context, "check_accuracy", lambda ctx: release.check_accuracy(
-        ctx.store, ctx.torchserve.get_config(), ctx.spec, _candidate(ctx, candidate),
-        preflight_result.get("production_version")))
+    return _run_check(
+        context,
+        "check_accuracy",
+        lambda ctx: release.check_accuracy(
+            ctx.store,
+            ctx.torchserve.get_config(),
+            ctx.spec,
+            _candidate(ctx, candidate),
+            preflight_result.get("production_version"),
+        ),
+    )
 
 
 @fail_fast_on_verdicts
 def check_load(context: Mapping[str, Any], candidate: Mapping[str, Any]) -> dict[str, Any]:
     from ml_release.pipeline import release
 
-    return _run_check(context, "check_load", lambda ctx: release.check_load(
-        ctx.store, ctx.torchserve.get_config(), ctx.spec, _candidate(ctx, candidate)))
+    return _run_check(
+        context,
+        "check_load",
+        lambda ctx: release.check_load(ctx.store, ctx.torchserve.get_config(), ctx.spec, _candidate(ctx, candidate)),
+    )
 
 
 def decide(context: Mapping[str, Any], candidate_data: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -256,8 +285,16 @@ def decide(context: Mapping[str, Any], candidate_data: Mapping[str, Any] | None)
             checks[name] = stored[0] if stored else None
         if preflight_result is None:
             checks["preflight"] = None
-        decision = release.decide(ctx.store, ctx.registry, ctx.torchserve.get_client(), ctx.spec, candidate,
-                                  checks, (preflight_result or {}).get("production_version"), ctx.run.key)
+        decision = release.decide(
+            ctx.store,
+            ctx.registry,
+            ctx.torchserve.get_client(),
+            ctx.spec,
+            candidate,
+            checks,
+            (preflight_result or {}).get("production_version"),
+            ctx.run.key,
+        )
         record = release.release_record(ctx.spec, ctx.run, candidate, preflight_result, checks, decision)
         try:
             ctx.store.put_json(record_uri, record, create_only=True)
@@ -280,10 +317,9 @@ def cleanup_canary(context: Mapping[str, Any], candidate_data: Mapping[str, Any]
     client = ctx.torchserve.get_client()
     model, version = candidate_data["model_name"], candidate_data["version"]
     production = ctx.registry.production(model)
-    if production is None or production.version != version:
-        if version in client.versions(model):
-            log.info("cleanup: %s/%s was not promoted; unregistering it", model, version)
-            release.rollback_canary(client, model, version, production.version if production else None)
+    if (production is None or production.version != version) and version in client.versions(model):
+        log.info("cleanup: %s/%s was not promoted; unregistering it", model, version)
+        release.rollback_canary(client, model, version, production.version if production else None)
     mar = ctx.torchserve.model_store() / release.mar_name(model, version)
     if production is None or production.version != version:
         mar.unlink(missing_ok=True)
@@ -297,8 +333,20 @@ def revert_production(context: Mapping[str, Any]) -> dict[str, Any]:
     from ml_release.pipeline import release
 
     ctx = Ctx(context)
-    result = release.revert_production(ctx.store, ctx.registry, ctx.torchserve.get_client(), ctx.spec,
-                                       ctx.torchserve.model_store(), ctx.run.key, ctx.params["reason"])
-    log.info("production %s reverted from %s to %s: %s", ctx.spec.model_name, result["from_version"],
-             result["to_version"], result["reason"])
+    result = release.revert_production(
+        ctx.store,
+        ctx.registry,
+        ctx.torchserve.get_client(),
+        ctx.spec,
+        ctx.torchserve.model_store(),
+        ctx.run.key,
+        ctx.params["reason"],
+    )
+    log.info(
+        "production %s reverted from %s to %s: %s",
+        ctx.spec.model_name,
+        result["from_version"],
+        result["to_version"],
+        result["reason"],
+    )
     return result

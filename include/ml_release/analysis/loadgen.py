@@ -79,9 +79,7 @@ def run_open_loop(
     version_header: str | None = None,
 ) -> LoadResult:
     """POST ``count`` JSON payloads (cycled) to ``url`` at ``rate_per_s``, open-loop."""
-    return asyncio.run(
-        _run(url, payloads, rate_per_s, count, headers or {}, timeout_s, max_in_flight, version_header)
-    )
+    return asyncio.run(_run(url, payloads, rate_per_s, count, headers or {}, timeout_s, max_in_flight, version_header))
 
 
 async def _run(
@@ -117,7 +115,7 @@ async def _run(
                         body = json.loads(raw)
                     except ValueError:
                         body = raw[:200].decode(errors="replace")
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 body = f"{type(exc).__name__}: {exc}"
             samples.append(Sample(i, due, clock() - t0 - due, status, served_by, body))
 

@@ -45,9 +45,7 @@ def split_dataset(df: pd.DataFrame, spec: DataSpec) -> dict[str, pd.DataFrame]:
     group whose rows disagree on the label is dropped whole, since either label would teach the
     model something the data does not support. Rows keep their input order within each split.
     """
-    frame = pd.DataFrame(
-        {TEXT: df[spec.text_column].astype("str"), LABEL: df[spec.label_column].astype("str")}
-    )
+    frame = pd.DataFrame({TEXT: df[spec.text_column].astype("str"), LABEL: df[spec.label_column].astype("str")})
     # A null would become the string "nan" above; validation fails on nulls, so this only guards
     # a caller who skipped it.
     present = df[spec.text_column].notna() & df[spec.label_column].notna()

@@ -58,9 +58,7 @@ def parse_request(body: object) -> str:
         try:
             obj = json.loads(obj)
         except json.JSONDecodeError as exc:
-            raise RequestError(
-                f"body is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-            ) from exc
+            raise RequestError(f"body is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
     if not isinstance(obj, Mapping):
         raise RequestError(f'body must be a JSON object {{"text": "..."}}, got {_json_type(obj)}')
     unknown = sorted(str(k) for k in obj if k not in ALLOWED_KEYS)

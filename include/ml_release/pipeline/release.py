@@ -26,7 +26,7 @@ from ml_release.errors import (
 )
 from ml_release.naming import check_version, model_version_for_run
 from ml_release.packaging.registry import ModelRegistry
-from ml_release.pipeline.layout import Layout, RunRef
+from ml_release.pipeline.layout import RunRef
 from ml_release.serving.torchserve import TorchServeClient, TorchServeConfig
 from ml_release.storage import ObjectStore
 
@@ -110,9 +110,7 @@ def resolve_candidate(
 # -- preflight -------------------------------------------------------------------------------
 
 
-def golden_check(
-    client: TorchServeClient, spec: ReleaseSpec, version: str | None
-) -> dict[str, Any]:
+def golden_check(client: TorchServeClient, spec: ReleaseSpec, version: str | None) -> dict[str, Any]:
     """Send the spec's golden texts; each must answer 200 with a known label and finite scores."""
     results, problems = [], []
     for text in spec.release.golden_texts:
@@ -142,7 +140,11 @@ def _prediction_problem(status: int, body: Any, labels: Sequence[str]) -> str | 
 
 
 def ensure_production_serving(
-    store: ObjectStore, registry: ModelRegistry, client: TorchServeClient, spec: ReleaseSpec, model_store: Path
+    store: ObjectStore,
+    registry: ModelRegistry,
+    client: TorchServeClient,
+    spec: ReleaseSpec,
+    model_store: Path,
 ) -> str | None:
     """Reconcile TorchServe with the registry: the production version is loaded and default.
 
@@ -156,7 +158,12 @@ def ensure_production_serving(
         if record is None:
             raise MLReleaseError(f"production alias points at unregistered version {alias.version}")
         log.info("production %s/%s is not loaded in TorchServe: loading it", spec.model_name, alias.version)
-        fetch_verified(store, record["archive_uri"], record["sha256"], model_store / mar_name(spec.model_name, alias.version))
+        fetch_verified(
+            store,
+            record["archive_uri"],
+            record["sha256"],
+            model_store / mar_name(spec.model_name, alias.version),
+        )
         client.register(mar_name(spec.model_name, alias.version), spec.model_name, initial_workers=spec.serving.workers)
     client.wait_ready(spec.model_name, alias.version, spec.release.ready_timeout_s)
     if client.default_version(spec.model_name) != alias.version:
@@ -286,8 +293,13 @@ def check_accuracy(
         f"accuracy {cand['accuracy']:.3f} >= floor {acc_spec.min_accuracy:.3f}"
         + (f" and within Δ {acc_spec.max_regression:.3f} of production {prod['accuracy']:.3f}" if prod else "")
     )
-    return {"passed": not problems, "reason": reason, "candidate": cand, "production": prod,
-            "eval_dataset_uri": candidate.eval_dataset_uri}
+    return {
+        "passed": not problems,
+        "reason": reason,
+        "candidate": cand,
+        "production": prod,
+        "eval_dataset_uri": candidate.eval_dataset_uri,
+    }
 
 
 def _read_labelled(store: ObjectStore, spec: ReleaseSpec, uri: str) -> Any:
@@ -307,9 +319,7 @@ def _read_labelled(store: ObjectStore, spec: ReleaseSpec, uri: str) -> Any:
     return frame[frame["label"].isin(spec.data.labels)]
 
 
-def check_load(
-    store: ObjectStore, config: TorchServeConfig, spec: ReleaseSpec, candidate: Candidate
-) -> dict[str, Any]:
+def check_load(store: ObjectStore, config: TorchServeConfig, spec: ReleaseSpec, candidate: Candidate) -> dict[str, Any]:
     """Open-loop load on the candidate's version URL, judged against the spec's SLO."""
     from ml_release.analysis.loadgen import run_open_loop
 
@@ -339,7 +349,12 @@ def check_load(
         f"p50 {summary['p50_ms']:.0f} ms, p95 {summary['p95_ms']:.0f} ms, p99 {summary['p99_ms']:.0f} ms, "
         f"errors {summary['error_rate']:.2%} within SLO"
     )
-    return {"passed": not problems, "reason": reason, "summary": summary, "slo": {**limits, "max_error_rate": load.max_error_rate}}
+    return {
+        "passed": not problems,
+        "reason": reason,
+        "summary": summary,
+        "slo": {**limits, "max_error_rate": load.max_error_rate},
+    }
 
 
 # -- decide ----------------------------------------------------------------------------------
@@ -454,6 +469,14 @@ def revert_production(
     client.wait_ready(model, target, spec.release.ready_timeout_s)
     client.set_default(model, target)
     registry.set_production(model, target, release_id, alias)
-    registry.append_history(model, {"event": "revert", "version": target, "from_version": alias.version,
-                                    "release_id": release_id, "reason": reason})
+    registry.append_history(
+        model,
+        {
+            "event": "revert",
+            "version": target,
+            "from_version": alias.version,
+            "release_id": release_id,
+            "reason": reason,
+        },
+    )
     return {"from_version": alias.version, "to_version": target, "reason": reason}

@@ -7,6 +7,7 @@ create-only writes, so a retry of the same run finds its earlier output, logs
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -86,19 +87,23 @@ def validate_data(
         raise DataValidationFailed(f"dataset_uri {dataset_uri} does not exist")
     if info.size > spec.data.max_bytes:
         # G9: refuse on the HEAD, before a byte is read into a worker's memory.
-        report = {
+        oversize: dict[str, Any] = {
             "success": False,
             "dataset_uri": dataset_uri,
             "size_bytes": info.size,
-            "failures": [
+            "outcomes": [
                 {
                     "expectation": "input.size_within_limit",
+                    "column": None,
+                    "success": False,
+                    "observed": info.size,
+                    "unexpected_examples": [],
                     "detail": f"{info.size} bytes > data.max_bytes {spec.data.max_bytes}",
                 }
             ],
         }
-        put_json_once(store, report_uri, report)
-        raise DataValidationFailed(report["failures"][0]["detail"], evidence_uri=report_uri)
+        put_json_once(store, report_uri, oversize)
+        raise DataValidationFailed(oversize["outcomes"][0]["detail"], evidence_uri=report_uri)
 
     raw = store.get_bytes(dataset_uri, max_bytes=spec.data.max_bytes)
     started = time.perf_counter()
@@ -134,9 +139,7 @@ def _upload_tree(store: ObjectStore, root: Path, prefix_uri: str) -> str | None:
 # -- split -----------------------------------------------------------------------------------
 
 
-def split(
-    store: ObjectStore, layout: Layout, spec: ReleaseSpec, run: RunRef, dataset_uri: str
-) -> dict[str, Any]:
+def split(store: ObjectStore, layout: Layout, spec: ReleaseSpec, run: RunRef, dataset_uri: str) -> dict[str, Any]:
     from ml_release.data.dataset import read_csv_bytes
     from ml_release.data.split import dataset_fingerprint, split_dataset, to_parquet_bytes
 
@@ -240,10 +243,8 @@ def _kill_group(proc: subprocess.Popen[str]) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=10)
     except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 # -- evaluate --------------------------------------------------------------------------------
@@ -380,7 +381,14 @@ def package(
             **lineage,
         }
     )
-    log.info("%s %s/%s -> %s (sha256 %s)", "registered" if created else "found", model, version, archive_uri, sha256)
+    log.info(
+        "%s %s/%s -> %s (sha256 %s)",
+        "registered" if created else "found",
+        model,
+        version,
+        archive_uri,
+        sha256,
+    )
     return record
 
 

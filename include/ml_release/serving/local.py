@@ -89,9 +89,7 @@ def check_java() -> None:
     try:
         proc = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30, check=False)
     except FileNotFoundError:
-        raise ServingError(
-            f"TorchServe needs Java {MIN_JAVA}+, but `{java}` was not found: {_INSTALL_JAVA}"
-        ) from None
+        raise ServingError(f"TorchServe needs Java {MIN_JAVA}+, but `{java}` was not found: {_INSTALL_JAVA}") from None
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ServingError(f"`{java} -version` failed ({exc}): {_INSTALL_JAVA}") from exc
     output = proc.stderr + proc.stdout
@@ -99,9 +97,7 @@ def check_java() -> None:
     if proc.returncode != 0 or major is None:
         raise ServingError(f"`{java} -version` gave no version ({output.strip()[:200]!r}): {_INSTALL_JAVA}")
     if major < MIN_JAVA:
-        raise ServingError(
-            f"TorchServe needs Java {MIN_JAVA}+, found Java {major} at `{java}`: {_INSTALL_JAVA}"
-        )
+        raise ServingError(f"TorchServe needs Java {MIN_JAVA}+, found Java {major} at `{java}`: {_INSTALL_JAVA}")
 
 
 def allowed_urls_pattern(model_store: Path) -> str:
@@ -271,9 +267,7 @@ def start(settings: LocalTorchServeSettings, timeout_s: float = 120) -> TorchSer
             pass  # no key file yet, or caught half-written
         if time.monotonic() >= deadline:
             stop(settings)
-            raise ServingError(
-                f"TorchServe did not answer /ping within {timeout_s:.0f}s:\n{_log_tail(settings)}"
-            )
+            raise ServingError(f"TorchServe did not answer /ping within {timeout_s:.0f}s:\n{_log_tail(settings)}")
         time.sleep(0.2)
 
 

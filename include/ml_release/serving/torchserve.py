@@ -215,9 +215,7 @@ class TorchServeClient:
             timeout_s=timeout_s,
         )
 
-    def register_url(
-        self, url: str, model_name: str, *, initial_workers: int = 1, timeout_s: float = 300
-    ) -> None:
+    def register_url(self, url: str, model_name: str, *, initial_workers: int = 1, timeout_s: float = 300) -> None:
         """Register from a URL (a presigned S3 URL in production); ``allowed_urls`` decides."""
         self._manage(
             "POST",

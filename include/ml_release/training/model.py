@@ -65,7 +65,7 @@ def tiny_classifier(labels: Sequence[str], seed: int = 0) -> tuple[Any, Any]:
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(resolve_base_model("all-MiniLM-L6-v2"))
-    config = BertConfig(
+    config = BertConfig(  # type: ignore[call-arg]
         vocab_size=tokenizer.vocab_size,
         hidden_size=32,
         num_hidden_layers=2,

@@ -75,9 +75,7 @@ def suite_checks(spec: DataSpec) -> tuple[Check, ...]:
             {"column_set": list(spec.columns), "exact_match": True},
         ),
         Check("text.not_null", "not_null", "ExpectColumnValuesToNotBeNull", text, {}),
-        Check(
-            "text.not_blank", "not_blank", "ExpectColumnValuesToMatchRegex", text, {"regex": NOT_BLANK_REGEX}
-        ),
+        Check("text.not_blank", "not_blank", "ExpectColumnValuesToMatchRegex", text, {"regex": NOT_BLANK_REGEX}),
         Check(
             "text.length",
             "length",
@@ -100,9 +98,7 @@ def suite_checks(spec: DataSpec) -> tuple[Check, ...]:
             {"regex": MOJIBAKE_REGEX, "mostly": _share(1 - spec.max_mojibake_ratio)},
         ),
         Check("label.not_null", "not_null", "ExpectColumnValuesToNotBeNull", label, {}),
-        Check(
-            "label.in_set", "in_set", "ExpectColumnValuesToBeInSet", label, {"value_set": list(spec.labels)}
-        ),
+        Check("label.in_set", "in_set", "ExpectColumnValuesToBeInSet", label, {"value_set": list(spec.labels)}),
     ]
     if spec.confidence_column is not None:
         checks.append(

@@ -10,8 +10,15 @@ pytestmark = pytest.mark.unit
 
 @pytest.mark.parametrize(
     "uri",
-    ["s3://ml-release/a/../b", "s3://ml-release/./a", "s3://ml-release/a//b", "http://x/y", "s3://UPPER/x",
-     "s3://ml-release/a\x00b", "s3://ml-release/"],
+    [
+        "s3://ml-release/a/../b",
+        "s3://ml-release/./a",
+        "s3://ml-release/a//b",
+        "http://x/y",
+        "s3://UPPER/x",
+        "s3://ml-release/a\x00b",
+        "s3://ml-release/",
+    ],
     ids=["dot-dot", "dot", "empty-segment", "http", "bad-bucket", "nul", "no-key"],
 )
 def test_parse_s3_uri_refuses_escapes(uri: str) -> None:
@@ -42,7 +49,9 @@ def test_model_version_comes_from_the_run_not_the_bytes() -> None:
     assert v.startswith("r") and len(v) == 13
 
 
-@pytest.mark.parametrize("segment", ["..", "a/../b", "", "a b", "x;y"], ids=["dotdot", "nested", "empty", "space", "semicolon"])
+@pytest.mark.parametrize(
+    "segment", ["..", "a/../b", "", "a b", "x;y"], ids=["dotdot", "nested", "empty", "space", "semicolon"]
+)
 def test_join_key_refuses_unsafe_segments(segment: str) -> None:
     with pytest.raises(InvalidURIError):
         join_key("runs", segment)

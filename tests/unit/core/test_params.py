@@ -49,7 +49,10 @@ def test_conf_errors_name_the_field(dag_id: str, conf: dict[str, Any], field: st
     [
         ("train_model", {}),
         ("train_model", None),
-        ("train_model", {"dataset_uri": "s3://ml-release/datasets/tweets/2026-12-04/tweets.csv", "epochs": 1.5}),
+        (
+            "train_model",
+            {"dataset_uri": "s3://ml-release/datasets/tweets/2026-12-04/tweets.csv", "epochs": 1.5},
+        ),
         ("release_model", {"model_version": "r0123456789ab"}),
         ("release_model", {"archive_uri": "s3://b-1/m.mar", "eval_dataset_uri": "s3://b-1/test.parquet"}),
         ("rollback_model", {"reason": "p99 regression seen by on-call"}),
@@ -60,7 +63,9 @@ def test_valid_conf_has_no_errors(dag_id: str, conf: dict[str, Any] | None) -> N
     assert conf_errors(dag_id, conf) == []
 
 
-def _call(app: ConfGuardMiddleware, path: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes, bytes]:
+def _call(
+    app: ConfGuardMiddleware, path: str, body: bytes, headers: list[tuple[bytes, bytes]]
+) -> tuple[int, bytes, bytes]:
     sent: list[dict[str, Any]] = []
     chunks = [body[:5], body[5:]]
 

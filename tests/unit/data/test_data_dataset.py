@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+
 from ml_release.config import DataSpec, ReleaseSpec
 from ml_release.data.dataset import read_csv_bytes, sample_dataset_path
 

@@ -4,6 +4,7 @@ import dataclasses
 
 import pandas as pd
 import pytest
+
 from ml_release.config import DataSpec, ReleaseSpec
 from ml_release.data.split import (
     dataset_fingerprint,

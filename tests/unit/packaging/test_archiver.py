@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from ml_release.config import ServingSpec
 from ml_release.errors import SpecError
 from ml_release.packaging.archiver import ArchiveError, archive_file_name, build_archive
@@ -80,14 +81,9 @@ def test_extracted_archive_imports_its_own_ml_release(mar: Path, tmp_path: Path)
     """What a TorchServe worker does: the extracted archive goes first on PYTHONPATH."""
     with zipfile.ZipFile(mar) as z:
         z.extractall(tmp_path)
-    code = (
-        "import ml_release_entry, ml_release;"
-        "print(ml_release.__file__); print(callable(ml_release_entry.handle))"
-    )
+    code = "import ml_release_entry, ml_release;print(ml_release.__file__); print(callable(ml_release_entry.handle))"
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=120
-    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=120)
     imported, is_callable = out.stdout.split()
     assert Path(imported).resolve().is_relative_to(tmp_path.resolve())
     assert is_callable == "True"

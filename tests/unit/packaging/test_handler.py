@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from ml_release.packaging.handler import (
     VERSION_HEADER,
     RequestError,
@@ -182,9 +183,7 @@ def test_initialize_sets_threads_max_length_and_labels(
     assert not h.model.training
 
 
-def test_a_valid_batch_gets_one_distribution_per_row(
-    handler: TextClassifierHandler, tiny_model_dir: Path
-) -> None:
+def test_a_valid_batch_gets_one_distribution_per_row(handler: TextClassifierHandler, tiny_model_dir: Path) -> None:
     rows = [
         {"body": {"text": "I love this car"}},
         {"data": b'{"text": "I hate waiting"}'},

@@ -5,6 +5,7 @@ import stat
 from pathlib import Path
 
 import pytest
+
 from ml_release.errors import ServingError
 from ml_release.serving.local import (
     LocalTorchServeSettings,

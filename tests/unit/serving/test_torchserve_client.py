@@ -4,9 +4,9 @@ import json
 from pathlib import Path
 
 import pytest
+
 from ml_release.errors import ServingError, SpecError
 from ml_release.serving.torchserve import TorchServeAPIError, TorchServeClient, TorchServeConfig
-
 from tests.support.services import free_port
 
 pytestmark = pytest.mark.unit

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
 from ml_release.config import DataSpec, ReleaseSpec
 from ml_release.data.dataset import sample_dataset_path
 from ml_release.validation.runner import ExpectationOutcome, ValidationReport, validate_dataset
@@ -72,9 +73,7 @@ def test_real_sample_passes_with_the_release_spec() -> None:
     ],
     ids=["empty-file", "whitespace-only", "png-bytes", "random-bytes", "open-quote", "ragged-row"],
 )
-def test_unreadable_input_fails_before_great_expectations(
-    spec: DataSpec, raw: bytes, check: str, phrase: str
-) -> None:
+def test_unreadable_input_fails_before_great_expectations(spec: DataSpec, raw: bytes, check: str, phrase: str) -> None:
     report, df = validate_dataset(raw, spec)
 
     assert not report.success
@@ -220,9 +219,7 @@ def test_texts_that_look_like_missing_markers_are_texts(spec: DataSpec) -> None:
     ],
     ids=["minority-class-under-floor", "majority-class-over-ceiling"],
 )
-def test_class_share_out_of_bounds_fails(
-    spec: DataSpec, shares: dict[str, int], check: str, phrase: str
-) -> None:
+def test_class_share_out_of_bounds_fails(spec: DataSpec, shares: dict[str, int], check: str, phrase: str) -> None:
     df = frame(sum(shares.values()))
     df["sentiment"] = [label for label, n in shares.items() for _ in range(n)]
 
