@@ -27,8 +27,13 @@ stamp=.venv/.requirements.sha256
 want=$(sha256sum requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing pinned dependencies into .venv (first time: a few minutes)"
-  .venv/bin/python -m pip install --quiet pip==26.3
-  .venv/bin/python -m pip install --quiet -r requirements.txt
-  .venv/bin/python -m pip install --quiet --no-deps -e .
+  log=.venv/pip-install.log
+  if ! { .venv/bin/python -m pip install pip==26.3 \
+         && .venv/bin/python -m pip install -r requirements.txt \
+         && .venv/bin/python -m pip install --no-deps -e .; } >"$log" 2>&1; then
+    grep -v "is ignored: it is neither a file nor a directory" "$log" | tail -30 >&2
+    echo "setup: pip install failed; the whole log is in $log" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
 fi

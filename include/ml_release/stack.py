@@ -34,6 +34,8 @@ class StackSettings:
     ts_inference_port: int
     ts_management_port: int
     ts_metrics_port: int
+    ts_grpc_inference_port: int
+    ts_grpc_management_port: int
     bucket: str
 
     @classmethod
@@ -45,6 +47,8 @@ class StackSettings:
             ts_inference_port=int(env.get("ML_RELEASE_TS_INFERENCE_PORT", "8080")),
             ts_management_port=int(env.get("ML_RELEASE_TS_MANAGEMENT_PORT", "8081")),
             ts_metrics_port=int(env.get("ML_RELEASE_TS_METRICS_PORT", "8082")),
+            ts_grpc_inference_port=int(env.get("ML_RELEASE_TS_GRPC_INFERENCE_PORT", "7070")),
+            ts_grpc_management_port=int(env.get("ML_RELEASE_TS_GRPC_MANAGEMENT_PORT", "7071")),
             bucket=env.get("ML_RELEASE_BUCKET", "ml-release"),
         )
 
@@ -78,6 +82,8 @@ class StackSettings:
             inference_port=self.ts_inference_port,
             management_port=self.ts_management_port,
             metrics_port=self.ts_metrics_port,
+            grpc_inference_port=self.ts_grpc_inference_port,
+            grpc_management_port=self.ts_grpc_management_port,
         )
 
 

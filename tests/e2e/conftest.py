@@ -23,6 +23,8 @@ def e2e_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stack.StackS
         ts_inference_port=free_port(),
         ts_management_port=free_port(),
         ts_metrics_port=free_port(),
+        ts_grpc_inference_port=free_port(),
+        ts_grpc_management_port=free_port(),
         bucket="ml-release",
     )
     try:

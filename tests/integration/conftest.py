@@ -38,6 +38,8 @@ def torchserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTorchS
         inference_port=free_port(),
         management_port=free_port(),
         metrics_port=free_port(),
+        grpc_inference_port=free_port(),
+        grpc_management_port=free_port(),
     )
     started = time.monotonic()
     config = local.start(settings, timeout_s=120)

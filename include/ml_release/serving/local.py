@@ -46,6 +46,9 @@ class LocalTorchServeSettings:
     inference_port: int = 8080
     management_port: int = 8081
     metrics_port: int = 8082
+    # TorchServe also serves gRPC (on loopback); two instances on one host need distinct ports.
+    grpc_inference_port: int = 7070
+    grpc_management_port: int = 7071
 
 
 def key_file(settings: LocalTorchServeSettings) -> Path:
@@ -123,6 +126,8 @@ def write_config(settings: LocalTorchServeSettings) -> Path:
         "inference_address": f"http://127.0.0.1:{settings.inference_port}",
         "management_address": f"http://127.0.0.1:{settings.management_port}",
         "metrics_address": f"http://127.0.0.1:{settings.metrics_port}",
+        "grpc_inference_port": str(settings.grpc_inference_port),
+        "grpc_management_port": str(settings.grpc_management_port),
         # Token auth is on by default; it is written out so nobody mistakes its absence for "off".
         "disable_token_authorization": "false",
         "token_expiration_min": str(TOKEN_EXPIRATION_MIN),
@@ -306,6 +311,8 @@ def status(settings: LocalTorchServeSettings) -> dict[str, Any]:
             "inference": settings.inference_port,
             "management": settings.management_port,
             "metrics": settings.metrics_port,
+            "grpc_inference": settings.grpc_inference_port,
+            "grpc_management": settings.grpc_management_port,
         },
         "models": [],
     }
