@@ -16,6 +16,13 @@ from ml_release.naming import MODEL_NAME_PATTERN, S3_URI_PATTERN, VERSION_PATTER
 
 DEFAULT_MODEL = "sentiment"
 
+# What a pattern means, for error messages a caller can act on.
+_PATTERN_HINTS = {
+    S3_URI_PATTERN: "an s3://bucket/key URI without '.', '..' or empty path segments",
+    MODEL_NAME_PATTERN: "a lowercase name of letters, digits and '-' that starts with a letter",
+    VERSION_PATTERN: "a version of letters, digits, '.', '_' and '-'",
+}
+
 _S3_URI = {"type": ["null", "string"], "pattern": S3_URI_PATTERN, "maxLength": 1024}
 
 TRAIN_MODEL: dict[str, dict[str, Any]] = {
@@ -119,7 +126,8 @@ def conf_errors(dag_id: str, conf: Any) -> list[str]:
     for key in sorted(set(conf) & set(schemas)):
         validator = jsonschema.Draft7Validator(schemas[key])
         for err in validator.iter_errors(conf[key]):
-            errors.append(f"conf.{key}: {err.message}")
+            hint = _PATTERN_HINTS.get(err.schema.get("pattern", "")) if err.validator == "pattern" else None
+            errors.append(f"conf.{key}: {conf[key]!r} is not {hint}" if hint else f"conf.{key}: {err.message}")
     if dag_id == "release_model" and conf.get("archive_uri") and not conf.get("eval_dataset_uri"):
         errors.append("conf.eval_dataset_uri: required when archive_uri is given")
     if dag_id == "release_model" and conf.get("archive_uri") and conf.get("model_version"):
