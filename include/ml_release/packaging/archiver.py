@@ -11,6 +11,11 @@ a worker's environment, so torch threads travel in its free-form ``handler:`` se
 handler reads; the environment variable ``ML_RELEASE_TORCH_THREADS`` of the TorchServe process
 overrides it (see :func:`ml_release.packaging.handler.setting`).
 
+Fault injection travels the same way, and only when a caller asks for it (``faults=``, for a test's
+"bad canary"): a ``faults:`` mapping in the ``handler:`` section (see
+:class:`ml_release.packaging.handler.FaultSettings`). An archive built without ``faults`` carries no
+such key at all, and the pipeline never passes one.
+
 A ``.mar``'s bytes differ on every build (the manifest holds a timestamp): key artifacts by run,
 never by content.
 """
@@ -20,12 +25,17 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import ml_release
 from ml_release.config import ServingSpec
 from ml_release.errors import MLReleaseError
 from ml_release.naming import check_model_name, check_version
+
+if TYPE_CHECKING:
+    from ml_release.packaging.handler import FaultSettings
 
 SERIALIZED_FILE = "model.safetensors"
 MODEL_CONFIG_FILE = "config.json"
@@ -60,12 +70,29 @@ def archive_file_name(model_name: str, version: str) -> str:
     return f"{check_model_name(model_name)}-{check_version(version)}.mar"
 
 
-def model_config_yaml(serving: ServingSpec, max_length: int | None = None) -> str:
+def fault_mapping(faults: FaultSettings | Mapping[str, Any]) -> dict[str, Any]:
+    """Validate fault settings the handler's way and return what goes into ``handler.faults``."""
+    # Imported here: the handler module imports TorchServe, which only a build with faults needs.
+    from ml_release.packaging.handler import FaultSettings
+
+    settings = faults if isinstance(faults, FaultSettings) else FaultSettings.from_mapping(faults)
+    if not settings.active:
+        raise ArchiveError(f"faults {settings.to_mapping()!r} inject nothing; pass faults=None for a clean archive")
+    return settings.to_mapping()
+
+
+def model_config_yaml(
+    serving: ServingSpec,
+    max_length: int | None = None,
+    faults: FaultSettings | Mapping[str, Any] | None = None,
+) -> str:
     import yaml
 
-    handler: dict[str, int] = {"torch_threads": serving.torch_threads}
+    handler: dict[str, Any] = {"torch_threads": serving.torch_threads}
     if max_length is not None:
         handler["max_length"] = max_length
+    if faults is not None:
+        handler["faults"] = fault_mapping(faults)
     config = {
         "minWorkers": serving.workers,
         "maxWorkers": serving.workers,
@@ -86,11 +113,13 @@ def build_archive(
     *,
     max_length: int | None = None,
     overwrite: bool = False,
+    faults: FaultSettings | Mapping[str, Any] | None = None,
 ) -> Path:
     """Archive ``model_dir`` as ``out_dir/<model_name>-<version>.mar`` and return its path.
 
     ``max_length`` (the training profile's) is baked into the handler's config when given; the
-    handler defaults to 128 tokens otherwise.
+    handler defaults to 128 tokens otherwise. ``faults`` builds a deliberately bad candidate for
+    tests (see the module docstring); it is validated before anything is written.
     """
     from model_archiver.model_archiver_config import ModelArchiverConfig
     from model_archiver.model_packaging import package_model
@@ -104,6 +133,7 @@ def build_archive(
     for required in (SERIALIZED_FILE, MODEL_CONFIG_FILE):
         if not (model_dir / required).is_file():
             raise ArchiveError(f"{model_dir} has no {required}: not a save_pretrained model directory")
+    ts_config_text = model_config_yaml(serving, max_length, faults)
     tokenizer_files = [model_dir / name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
     if not tokenizer_files:
         raise ArchiveError(f"{model_dir} has no tokenizer files (looked for {', '.join(TOKENIZER_FILES)})")
@@ -124,7 +154,7 @@ def build_archive(
         entry = staging / f"{ENTRY_MODULE}.py"
         entry.write_text(_ENTRY_SOURCE, encoding="utf-8")
         ts_config = staging / TS_CONFIG_FILE
-        ts_config.write_text(model_config_yaml(serving, max_length), encoding="utf-8")
+        ts_config.write_text(ts_config_text, encoding="utf-8")
         export = staging / "export"
         export.mkdir()
 

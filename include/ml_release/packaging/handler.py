@@ -6,6 +6,18 @@ Response per valid row: ``{"label": str, "scores": {label: probability}}``. A ma
 HTTP 400 and ``{"error": "<what is wrong>"}`` while the valid rows of the same batch are answered:
 TorchServe batches unrelated clients together, and one bad client must not fail the others.
 
+Non-finite scores are never answered as a label: such a row gets HTTP 500, the body
+``{"error": ..., "kind": "non_finite_scores"}`` and the response header
+``X-ML-Release-Error: non_finite_scores``, so the pre-traffic gate and the canary judge see a NaN
+candidate as such, not as a generic 5xx and never as a confident prediction (G19, G21).
+
+Fault injection (issue 4): a candidate can be told to misbehave, in the real handler, from a
+``faults:`` mapping in the archive's model-config YAML (``handler: {faults: {...}}``, written by
+:func:`ml_release.packaging.archiver.build_archive` only when asked) or from the worker's
+environment variable ``ML_RELEASE_FAULTS`` (a JSON object; it wins over the archive). See
+:class:`FaultSettings` for the keys. No faults is the default, and a worker with faults logs a
+warning at load so that an injected fault is never mistaken for a real one.
+
 The parsing and output shaping are plain functions so that they are tested without TorchServe;
 :class:`TextClassifierHandler` only adds model loading and batching. The archive's entry file
 imports :func:`handle` from here (TorchServe's function entry-point convention).
@@ -13,10 +25,13 @@ imports :func:`handle` from here (TorchServe's function entry-point convention).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
+import random
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +47,11 @@ DEFAULT_MAX_LENGTH = 128
 ALLOWED_KEYS = frozenset({"text"})
 # Lets a caller behind a traffic splitter see which version answered (canary accounting).
 VERSION_HEADER = "X-ML-Release-Model-Version"
+# Names the kind of a 5xx the handler chose to give: ``non_finite_scores`` or ``injected_fault``.
+ERROR_HEADER = "X-ML-Release-Error"
+NON_FINITE = "non_finite_scores"
+INJECTED = "injected_fault"
+FAULTS_ENV = "ML_RELEASE_FAULTS"
 
 
 class RequestError(ValueError):
@@ -80,22 +100,116 @@ def request_body(row: Mapping[str, Any]) -> object:
     return row.get("body")
 
 
+class NonFiniteScoresError(ValueError):
+    """Raised when the model produced NaN or infinite scores for a row."""
+
+
+def postprocess_row(row: Sequence[float], labels: Sequence[str]) -> dict[str, Any]:
+    """One softmax row as ``{"label", "scores"}``; :class:`NonFiniteScoresError` on NaN or inf."""
+    if len(row) != len(labels):
+        raise ValueError(f"model returned {len(row)} scores for {len(labels)} labels")
+    scores = {label: float(p) for label, p in zip(labels, row, strict=True)}
+    if not all(math.isfinite(p) for p in scores.values()):
+        raise NonFiniteScoresError(f"model produced non-finite scores: {scores}")
+    best = max(scores, key=lambda label: scores[label])
+    return {"label": best, "scores": scores}
+
+
 def postprocess(probabilities: Sequence[Sequence[float]], labels: Sequence[str]) -> list[dict[str, Any]]:
     """Shape softmax rows into ``{"label", "scores"}`` dicts; refuse non-finite scores.
 
     A NaN from the model must surface as an error, never as a confident-looking label
     (the pre-traffic gate and the canary judge both count on it, G19).
     """
-    results: list[dict[str, Any]] = []
-    for row in probabilities:
-        if len(row) != len(labels):
-            raise ValueError(f"model returned {len(row)} scores for {len(labels)} labels")
-        scores = {label: float(p) for label, p in zip(labels, row, strict=True)}
-        if not all(math.isfinite(p) for p in scores.values()):
-            raise ValueError(f"model produced non-finite scores: {scores}")
-        best = max(scores, key=lambda label: scores[label])
-        results.append({"label": best, "scores": scores})
-    return results
+    return [postprocess_row(row, labels) for row in probabilities]
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultSettings:
+    """Faults a candidate injects into its own answers; the default injects none.
+
+    ``error_rate``: the share of valid rows answered with ``error_status`` (a 5xx) instead of a
+    prediction. ``latency_ms``: added once per batch before inference (every row of the batch waits
+    for it, as with a slow model). ``nan_rate``: the share of valid rows whose scores are replaced by
+    NaN, which the handler then answers as any non-finite output (HTTP 500, ``kind``
+    ``non_finite_scores``). ``seed``: makes the draws repeatable. ``version``: when set, the faults
+    apply only to a worker of that model version; it lets ``ML_RELEASE_FAULTS`` target the canary of
+    a TorchServe process that also serves stable.
+    """
+
+    error_rate: float = 0.0
+    error_status: int = 503
+    latency_ms: float = 0.0
+    nan_rate: float = 0.0
+    seed: int | None = None
+    version: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("error_rate", "nan_rate"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"faults.{name} must be a number in [0, 1], got {value!r}")
+        if not isinstance(self.error_status, int) or isinstance(self.error_status, bool):
+            raise ValueError(f"faults.error_status must be an integer 500-599, got {self.error_status!r}")
+        if not 500 <= self.error_status <= 599:
+            raise ValueError(f"faults.error_status must be an integer 500-599, got {self.error_status!r}")
+        latency = self.latency_ms
+        if not isinstance(latency, int | float) or isinstance(latency, bool) or not 0 <= latency <= 600_000:
+            raise ValueError(f"faults.latency_ms must be a number in [0, 600000], got {latency!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"faults.seed must be an integer, got {self.seed!r}")
+        if self.version is not None and not isinstance(self.version, str):
+            raise ValueError(f"faults.version must be a string, got {self.version!r}")
+
+    @property
+    def active(self) -> bool:
+        return self.error_rate > 0 or self.latency_ms > 0 or self.nan_rate > 0
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any], source: str = "faults") -> FaultSettings:
+        """Strict: an unknown key is refused, so a typo never silently injects nothing."""
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"{source} must be a mapping, got {type(raw).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(str(k) for k in raw if k not in known)
+        if unknown:
+            raise ValueError(f"{source}: unknown keys {', '.join(map(repr, unknown))}; known: {sorted(known)}")
+        try:
+            return cls(**{str(k): v for k, v in raw.items()})
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The non-default keys, as written into an archive's model config."""
+        default = FaultSettings()
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(default, f.name)
+        }
+
+    def applies_to(self, model_version: str | None) -> bool:
+        return self.active and (self.version is None or self.version == model_version)
+
+
+NO_FAULTS = FaultSettings()
+
+
+def fault_settings(yaml_config: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None) -> FaultSettings:
+    """The worker's faults: ``ML_RELEASE_FAULTS`` (JSON) wins, then ``handler.faults``, else none."""
+    env = os.environ if environ is None else environ
+    raw_env = env.get(FAULTS_ENV)
+    if raw_env is not None and raw_env.strip():
+        try:
+            parsed = json.loads(raw_env)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{FAULTS_ENV} is not JSON: {exc.msg}") from None
+        return FaultSettings.from_mapping(parsed, FAULTS_ENV)
+    handler_section = (yaml_config or {}).get("handler") or {}
+    raw = handler_section.get("faults")
+    if raw is None:
+        return NO_FAULTS
+    return FaultSettings.from_mapping(raw, "model config handler.faults")
 
 
 def setting(env_name: str, yaml_config: Mapping[str, Any] | None, key: str, default: int) -> int:
@@ -129,6 +243,8 @@ class TextClassifierHandler(BaseHandler):
         self.labels: list[str] = []
         self.max_length = DEFAULT_MAX_LENGTH
         self.model_version: str | None = None
+        self.faults = NO_FAULTS
+        self._fault_rng = random.Random()
 
     def initialize(self, context: Any) -> None:
         # Nothing in a worker may reach a model hub; fail loudly on a missing file instead.
@@ -163,6 +279,11 @@ class TextClassifierHandler(BaseHandler):
         self.labels = [str(config.id2label[i]) for i in range(config.num_labels)]
         manifest = getattr(context, "manifest", None) or {}
         self.model_version = (manifest.get("model") or {}).get("modelVersion")
+        faults = fault_settings(yaml_config)
+        self.faults = faults if faults.applies_to(self.model_version) else NO_FAULTS
+        self._fault_rng = random.Random(self.faults.seed)
+        if self.faults.active:
+            logger.warning("FAULT INJECTION ACTIVE for version %s: %s", self.model_version, self.faults)
         self.context = context
         self.initialized = True
         import ml_release
@@ -196,30 +317,53 @@ class TextClassifierHandler(BaseHandler):
         self.context = context
         outputs: list[Any] = [None] * len(data)
         valid: list[tuple[int, str]] = []
+        faults = self.faults
         for idx, row in enumerate(data):
             try:
-                valid.append((idx, parse_request(request_body(row))))
+                text = parse_request(request_body(row))
             except RequestError as exc:
                 self._fail(context, idx, 400, str(exc), outputs)
+                continue
+            if faults.error_rate > 0 and self._fault_rng.random() < faults.error_rate:
+                message = f"injected fault: HTTP {faults.error_status} on {faults.error_rate:.0%} of requests"
+                self._fail(context, idx, faults.error_status, message, outputs, kind=INJECTED)
+                continue
+            valid.append((idx, text))
+        if valid and faults.latency_ms > 0:
+            time.sleep(faults.latency_ms / 1000.0)
         if valid:
             try:
-                results = postprocess(self.predict_proba([text for _, text in valid]), self.labels)
+                probabilities = self.predict_proba([text for _, text in valid])
+                if len(probabilities) != len(valid):
+                    raise ValueError(f"model returned {len(probabilities)} rows for {len(valid)} requests")
             except ValueError as exc:
                 logger.error("prediction failed: %s", exc)
                 for idx, _ in valid:
                     self._fail(context, idx, 500, str(exc), outputs)
             else:
-                for (idx, _), result in zip(valid, results, strict=True):
-                    outputs[idx] = result
+                for (idx, _), row_scores in zip(valid, probabilities, strict=True):
+                    if faults.nan_rate > 0 and self._fault_rng.random() < faults.nan_rate:
+                        row_scores = [math.nan] * len(row_scores)
+                    try:
+                        outputs[idx] = postprocess_row(row_scores, self.labels)
+                    except NonFiniteScoresError as exc:
+                        logger.error("prediction failed: %s", exc)
+                        self._fail(context, idx, 500, str(exc), outputs, kind=NON_FINITE)
+                    except ValueError as exc:
+                        logger.error("prediction failed: %s", exc)
+                        self._fail(context, idx, 500, str(exc), outputs)
         if self.model_version:
             for idx in range(len(data)):
                 context.set_response_header(idx, VERSION_HEADER, self.model_version)
         return outputs
 
     @staticmethod
-    def _fail(context: Any, idx: int, code: int, message: str, outputs: list[Any]) -> None:
+    def _fail(context: Any, idx: int, code: int, message: str, outputs: list[Any], kind: str | None = None) -> None:
         context.set_response_status(code, message, idx=idx)
         outputs[idx] = {"error": message}
+        if kind is not None:
+            outputs[idx]["kind"] = kind
+            context.set_response_header(idx, ERROR_HEADER, kind)
 
 
 _service = TextClassifierHandler()
