@@ -145,6 +145,8 @@ def stack_env(s: StackSettings) -> dict[str, str]:
         "ML_RELEASE_ARTIFACT_ROOT": f"s3://{s.bucket}",
         "ML_RELEASE_HOME": str(s.home),
         "PYTHONPATH": str(REPO / "include"),
+        # `airflow standalone` starts its components as `airflow ...` from PATH: the venv's first.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "NO_PROXY": "127.0.0.1,localhost",
         "no_proxy": "127.0.0.1,localhost",
     }
