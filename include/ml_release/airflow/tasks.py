@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any, ParamSpec, TypeVar
 
+from airflow.sdk.definitions.retry_policy import RetryDecision, RetryPolicy
 from airflow.sdk.exceptions import AirflowFailException
 
 from ml_release.config import ReleaseSpec
@@ -114,6 +115,138 @@ def train(context: Mapping[str, Any], split_result: Mapping[str, Any]) -> dict[s
     log.info("running the trainer: %s", " ".join(cmd[:4]) + " …")
     result = training.train_local(cmd, ctx.store_hook.child_env(), ctx.spec.training.timeout_seconds)
     return {"output_uri": output_uri, "profile": ctx.spec.training.profile, **result}
+
+
+# With ``training.backend: kubernetes`` the ``train`` task is a KubernetesPodOperator. Its pod comes
+# from ml_release.training.pod_spec; the per-run command (the run's URIs, the profile after the
+# run's overrides) is set by ``prepare_train_pod`` right before ``execute``, from the same
+# ``trainer_command`` the local backend runs.
+
+
+def _train_command(ctx: Ctx, split_result: Mapping[str, Any], xcom_path: str | None = None) -> tuple[list[str], str]:
+    from ml_release.pipeline import training
+
+    overrides = {k: ctx.params.get(k) for k in ("max_train_samples", "epochs", "learning_rate")}
+    profile = training.training_profile(ctx.spec, overrides)
+    output_uri = f"{ctx.layout.run_prefix(ctx.spec.model_name, ctx.run)}/model"
+    cmd = training.trainer_command(
+        ctx.spec,
+        profile,
+        split_result["uris"]["train"],
+        split_result["uris"]["validation"],
+        output_uri,
+        python="python",
+        xcom_path=xcom_path,
+    )
+    return cmd, output_uri
+
+
+def train_pod_operator(spec: ReleaseSpec, dag_id: str, **task_kwargs: Any) -> Any:
+    """The ``train`` task for the Kubernetes backend: a KubernetesPodOperator built from the spec."""
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+    from ml_release.training import pod_spec
+
+    k8s = spec.training.kubernetes
+    identity = pod_spec.PodIdentity(spec.model_name, dag_id, task_kwargs.pop("task_id", "train"))
+    return KubernetesPodOperator(
+        task_id=identity.task_id,
+        **pod_spec.operator_kwargs(k8s, identity, spec.training.active.num_threads),
+        retries=k8s.max_retries,
+        retry_policy=TrainingPodRetryPolicy(
+            k8s.infrastructure_retries, k8s.oom_killed_retries, k8s.fail_fast_exit_codes
+        ),
+        pre_execute=prepare_train_pod,
+        post_execute=finish_train_pod,
+        **task_kwargs,
+    )
+
+
+@fail_fast_on_verdicts
+def prepare_train_pod(context: Mapping[str, Any]) -> None:
+    """Set the pod's command for this run: the local backend's command, with the pod's interpreter."""
+    from ml_release.training import pod_spec
+
+    ctx = _train_ctx(context)
+    k8s = ctx.spec.training.kubernetes
+    if k8s.nodes > 1:
+        raise AirflowFailException(
+            f"training.kubernetes.nodes is {k8s.nodes}: several nodes run as a PyTorchJob "
+            "(include/k8s/trainer-pytorchjob.yaml), which this DAG does not launch"
+        )
+    split_result = context["ti"].xcom_pull(task_ids="split")
+    if not split_result:
+        raise AirflowFailException("train: no result from split to train on")
+    cmd, _ = _train_command(ctx, split_result, xcom_path=pod_spec.XCOM_PATH)
+    task = context["task"]
+    task.cmds, task.arguments = pod_spec.split_command(cmd, k8s.gpus)
+    identity = pod_spec.PodIdentity(ctx.spec.model_name, ctx.run.dag_id, task.task_id, ctx.run.run_id)
+    task.labels = {**task.labels, **identity.labels()}
+    log.info("training pod: %s … on %d GPU(s) in %s", " ".join(task.cmds), k8s.gpus, k8s.namespace)
+
+
+def finish_train_pod(context: Mapping[str, Any], result: Any) -> None:
+    """Give the pod's XCom the same shape as the local backend's result (updated in place: the
+    task runner pushes this very dict after the post-execute hook)."""
+    if not isinstance(result, dict) or "marker_uri" not in result:
+        raise AirflowFailException(f"training pod returned no trainer result in {result!r:.200}")
+    ctx = _train_ctx(context)
+    result.setdefault("output_uri", str(result["marker_uri"]).rsplit("/", 1)[0])
+    result.setdefault("profile", ctx.spec.training.profile)
+
+
+class TrainingPodRetryPolicy(RetryPolicy):
+    """Retries a failed training pod only for infrastructure failures (and, bounded, OOMKilled).
+
+    Reads the pod the operator last saw (``remote_pod``, else ``pod``) and the launch error, and
+    lets :func:`ml_release.training.failures.decide` classify them (G13).
+    """
+
+    def __init__(self, infrastructure_retries: int, oom_killed_retries: int, fail_fast_exit_codes: Any = ()) -> None:
+        from ml_release.training.failures import RetryBounds
+
+        self.bounds = RetryBounds(infrastructure_retries, oom_killed_retries, tuple(fail_fast_exit_codes))
+
+    def evaluate(self, exception: BaseException, try_number: int, max_tries: int, context: Any = None) -> RetryDecision:
+        from ml_release.training.failures import decide
+
+        task = context.get("task") if context else None
+        pod = getattr(task, "remote_pod", None) or getattr(task, "pod", None)
+        pod_json = _pod_json(pod)
+        messages: list[str] = []
+        exc: BaseException | None = exception
+        while exc is not None and len(messages) < 5:
+            messages.append(f"{type(exc).__name__}: {exc}")
+            exc = exc.__cause__ or exc.__context__
+        container = getattr(task, "base_container_name", "base") or "base"
+        verdict = decide(pod_json, try_number, self.bounds, container, "\n".join(messages))
+        log.info("training pod failure: %s (%s)", verdict.failure.value, verdict.reason)
+        if verdict.retry:
+            return RetryDecision.retry(reason=verdict.reason)
+        return RetryDecision.fail(reason=verdict.reason)
+
+    def serialize(self) -> dict[str, Any]:
+        bounds = self.bounds
+        return {
+            "__type": type(self).__name__,
+            "infrastructure_retries": bounds.infrastructure_retries,
+            "oom_killed_retries": bounds.oom_killed_retries,
+            "fail_fast_exit_codes": list(bounds.fail_fast_exit_codes),
+        }
+
+    @classmethod
+    def deserialize(cls, data: dict[str, Any]) -> TrainingPodRetryPolicy:
+        return cls(data["infrastructure_retries"], data["oom_killed_retries"], data.get("fail_fast_exit_codes", ()))
+
+
+def _pod_json(pod: Any) -> dict[str, Any] | None:
+    if pod is None:
+        return None
+    if isinstance(pod, dict):
+        return pod
+    from kubernetes.client import ApiClient
+
+    return dict(ApiClient().sanitize_for_serialization(pod))
 
 
 @fail_fast_on_verdicts

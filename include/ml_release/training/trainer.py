@@ -26,6 +26,12 @@ Result: the last line on stdout is ``ML_RELEASE_RESULT {"model_uri", "marker_uri
 with ``--xcom-path`` the same JSON is written there (the KubernetesPodOperator's XCom sidecar reads
 ``/airflow/xcom/return.json``). Logs go to stderr.
 
+Several GPUs: under ``torchrun`` (``WORLD_SIZE > 1``) every rank trains on its shard of the
+length-bucketed batches through DistributedDataParallel (NCCL on CUDA, gloo on CPU); rank 0 alone
+evaluates, commits and prints the result. Throughput is logged as samples/s, tokens/s and an
+estimate of model FLOP utilisation: 6 x parameters x tokens/s over the device's peak FLOP/s
+(``ML_RELEASE_PEAK_FLOPS``, else a table of known GPUs; unknown on a CPU).
+
 Exit codes (the Kubernetes backend classifies them for retries, G13):
 
 * ``0`` the model is committed (now or by an earlier run);
@@ -48,7 +54,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -125,6 +131,66 @@ class EncodedSplit:
     @property
     def lengths(self) -> list[int]:
         return [len(ids) for ids in self.input_ids]
+
+
+@dataclasses.dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 when run plainly)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Distributed:
+        import os
+
+        env = os.environ if env is None else env
+        return cls(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")))
+
+
+# Dense bf16 peak FLOP/s of GPUs the trainer knows, by a substring of torch.cuda.get_device_name().
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100 SXM": 989e12,
+    "H100 80GB HBM3": 989e12,
+    "H100 PCIe": 756e12,
+    "H100": 756e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+}
+
+
+def peak_flops(device_name: str | None, env: Mapping[str, str] | None = None) -> float | None:
+    """The peak FLOP/s to report utilisation against: ``ML_RELEASE_PEAK_FLOPS``, a known GPU, or None."""
+    import os
+
+    env = os.environ if env is None else env
+    if env.get("ML_RELEASE_PEAK_FLOPS"):
+        return float(env["ML_RELEASE_PEAK_FLOPS"])
+    if not device_name:
+        return None
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in device_name:
+            return value
+    return None
+
+
+def model_flops_utilisation(params: int, tokens_per_s: float, peak: float | None) -> float | None:
+    """6 x parameters x tokens/s (forward + backward of a dense model) over ``peak``; None if unknown."""
+    if not peak:
+        return None
+    return 6.0 * params * tokens_per_s / peak
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,6 +319,8 @@ def train_loop(
     profile: TrainingProfile,
     device: torch.device,
     pad_id: int,
+    dist: Distributed | None = None,
+    peak: float | None = None,
 ) -> LoopStats:
     """Fine-tune ``model`` in place on ``split`` and return what the loop measured.
 
@@ -260,11 +328,16 @@ def train_loop(
     rank sees (shard the list from :func:`length_bucketed_batches`), the wrapped model, and the
     reduction of the loss and throughput counters.
     """
+    import contextlib
+
     import torch
 
+    dist = dist or Distributed()
     accum = profile.gradient_accumulation_steps
     batches_per_epoch = math.ceil(len(split) / profile.batch_size)
-    total_micro = max(1, round(profile.epochs * batches_per_epoch))
+    # Every rank runs the same number of micro-batches (DDP's all-reduce needs each rank to
+    # take part in every step); together they cover the epochs the profile asks for.
+    total_micro = max(1, round(profile.epochs * batches_per_epoch) // dist.world_size)
     total_steps = math.ceil(total_micro / accum)
     warmup_steps = max(1, math.ceil(profile.warmup_ratio * total_steps))
 
@@ -281,13 +354,21 @@ def train_loop(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup_steps, total_steps))
     use_bf16 = profile.precision == "bf16" and device.type == "cuda"
-    forward = torch.compile(model) if profile.compile else model
+    n_params = sum(p.numel() for p in model.parameters())
+    wrapped = model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = torch.compile(wrapped) if profile.compile else wrapped
 
     log.info(
-        "training: %d samples, %d micro-batches of %d, %d optimizer steps (accumulation %d), warmup %d, device %s, %s",
+        "training: %d samples, %d micro-batches of %d per rank x %d rank(s), %d optimizer steps (accumulation %d), "
+        "warmup %d, device %s, %s",
         len(split),
         total_micro,
         profile.batch_size,
+        dist.world_size,
         total_steps,
         accum,
         warmup_steps,
@@ -298,7 +379,9 @@ def train_loop(
     def batches() -> Iterator[list[int]]:
         epoch = 0
         while True:
-            yield from length_bucketed_batches(split.lengths, profile.batch_size, profile.seed + epoch)
+            # The same seed on every rank: the same batch list, of which each rank takes its share.
+            epoch_batches = length_bucketed_batches(split.lengths, profile.batch_size, profile.seed + epoch)
+            yield from epoch_batches[dist.rank :: dist.world_size]
             epoch += 1
 
     model.train()
@@ -314,10 +397,14 @@ def train_loop(
     for micro, rows in enumerate(batches(), start=1):
         ids, mask, labels = collate(split, rows, pad_id)
         ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            logits = forward(input_ids=ids, attention_mask=mask).logits
-        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
-        (loss / accum).backward()
+        boundary = micro % accum == 0 or micro == total_micro
+        # Between accumulation boundaries DDP need not all-reduce gradients: only the last one counts.
+        sync = contextlib.nullcontext() if boundary or not dist.enabled else wrapped.no_sync()
+        with sync:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                logits = forward(input_ids=ids, attention_mask=mask).logits
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+            (loss / accum).backward()
         # Accumulated on the device: a .item() every batch would force a sync on a GPU.
         pending = loss.detach() * len(rows) if pending is None else pending + loss.detach() * len(rows)
         samples += len(rows)
@@ -325,7 +412,7 @@ def train_loop(
         padded_tokens += ids.numel()
         window_n += len(rows)
 
-        if micro % accum == 0 or micro == total_micro:
+        if boundary:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
@@ -338,15 +425,19 @@ def train_loop(
                 window_loss += pending_sum
                 pending = None
                 elapsed = time.perf_counter() - start
+                tokens_per_s = real_tokens * dist.world_size / elapsed
+                mfu = model_flops_utilisation(n_params, tokens_per_s, peak)
                 log.info(
-                    "step %d/%d epoch %.2f loss %.4f lr %.2e %.1f samples/s %.0f tokens/s elapsed %.0fs eta %.0fs",
+                    "step %d/%d epoch %.2f loss %.4f lr %.2e %.1f samples/s %.0f tokens/s MFU %s "
+                    "elapsed %.0fs eta %.0fs",
                     step,
                     total_steps,
-                    micro / batches_per_epoch,
+                    micro * dist.world_size / batches_per_epoch,
                     window_loss / max(1, window_n),
                     scheduler.get_last_lr()[0],
-                    samples / elapsed,
-                    real_tokens / elapsed,
+                    samples * dist.world_size / elapsed,
+                    tokens_per_s,
+                    "unknown" if mfu is None else f"{mfu:.3f}",
                     elapsed,
                     elapsed / step * (total_steps - step),
                 )
@@ -358,6 +449,13 @@ def train_loop(
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
+    if dist.enabled:
+        import torch.distributed as torch_dist
+
+        totals = torch.tensor([loss_sum, samples, real_tokens, padded_tokens], dtype=torch.float64, device=device)
+        torch_dist.all_reduce(totals)
+        loss_sum, samples, real_tokens, padded_tokens = totals.tolist()
+        samples, real_tokens, padded_tokens = int(samples), int(real_tokens), int(padded_tokens)
     return LoopStats(
         train_loss=loss_sum / max(1, samples),
         steps=step,
@@ -384,6 +482,8 @@ def run(config: TrainerConfig, store: ObjectStore) -> dict[str, Any]:
     train_df = _read_split(store, config.train_uri, config.labels, "train")
     val_df = _read_split(store, config.validation_uri, config.labels, "validation")
     marker = _train_and_commit(config, store, train_df, val_df, started)
+    if not marker:  # a torchrun rank other than 0: rank 0 reports
+        return {}
     return _result(config, marker)
 
 
@@ -394,16 +494,47 @@ def _train_and_commit(
     import torch
     from transformers.utils import logging as hf_logging
 
-    from ml_release.evaluation.metrics import classification_metrics, predict_proba
-    from ml_release.training.model import build_classifier, resolve_base_model, tiny_classifier
-
     hf_logging.disable_progress_bar()  # bars redraw with \r: noise in a pod's log
 
     profile = config.profile
     torch.set_num_threads(profile.num_threads)
     torch.manual_seed(profile.seed)
     np.random.seed(profile.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dist = Distributed.from_env()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if dist.enabled:
+        import torch.distributed as torch_dist
+
+        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        log.info("rank %d of %d on %s", dist.rank, dist.world_size, device)
+    try:
+        return _train_on(config, store, train_df, val_df, started, device, dist)
+    finally:
+        if dist.enabled:
+            import torch.distributed as torch_dist
+
+            torch_dist.destroy_process_group()
+
+
+def _train_on(
+    config: TrainerConfig,
+    store: ObjectStore,
+    train_df: Any,
+    val_df: Any,
+    started: float,
+    device: torch.device,
+    dist: Distributed,
+) -> dict[str, Any]:
+    import torch
+
+    from ml_release.evaluation.metrics import classification_metrics, predict_proba
+    from ml_release.training.model import build_classifier, resolve_base_model, tiny_classifier
+
+    profile = config.profile
     precision = "bf16" if profile.precision == "bf16" and device.type == "cuda" else "fp32"
     if precision != profile.precision:
         log.warning("precision %s needs CUDA; training in fp32 on %s", profile.precision, device)
@@ -425,10 +556,17 @@ def _train_and_commit(
     )
     pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 
-    stats = train_loop(model, split, profile, device, pad_id)
+    peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+    stats = train_loop(model, split, profile, device, pad_id, dist, peak)
     if not math.isfinite(stats.train_loss):
         # A diverged model must fail here, not be committed and found "already trained" by a retry.
         raise MLReleaseError(f"training diverged: loss {stats.train_loss}; lower the learning rate")
+    if not dist.is_main:
+        # Rank 0 evaluates and commits; the others wait for it so that torchrun ends them together.
+        import torch.distributed as torch_dist
+
+        torch_dist.barrier()
+        return {}
 
     eval_start = time.perf_counter()
     probs = predict_proba(
@@ -448,6 +586,11 @@ def _train_and_commit(
         "validation_samples": val["n"],
         "samples_per_s": stats.samples / stats.wall_s,
         "tokens_per_s": stats.real_tokens / stats.wall_s,
+        "model_flops_utilisation": model_flops_utilisation(
+            sum(p.numel() for p in model.parameters()), stats.real_tokens / stats.wall_s, peak
+        ),
+        "peak_flops": peak,
+        "world_size": dist.world_size,
         "real_to_padded_token_ratio": stats.real_tokens / max(1, stats.padded_tokens),
         "steps": stats.steps,
         "train_samples": len(split),
@@ -476,7 +619,12 @@ def _train_and_commit(
         tokenizer.save_pretrained(out)
         metrics["total_wall_s"] = time.perf_counter() - started
         (out / METRICS_NAME).write_text(json.dumps(metrics, indent=2, sort_keys=True), encoding="utf-8")
-        return commit_model(store, config.output_uri, out, metrics)
+        marker = commit_model(store, config.output_uri, out, metrics)
+    if dist.enabled:
+        import torch.distributed as torch_dist
+
+        torch_dist.barrier()
+    return marker
 
 
 def commit_model(store: ObjectStore, output_uri: str, src: Path, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -680,6 +828,8 @@ def main(argv: Sequence[str] | None = None, store: ObjectStore | None = None) ->
 
             store = ObjectStore()
         result = run(config, store)
+        if not result:
+            return EXIT_OK
         line = json.dumps(result, sort_keys=True, allow_nan=False)
         if config.xcom_path is not None:
             config.xcom_path.parent.mkdir(parents=True, exist_ok=True)
