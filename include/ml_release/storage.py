@@ -145,7 +145,10 @@ class ObjectStore:
         return digest.hexdigest()
 
     def list_keys(self, prefix_uri: str) -> Iterator[str]:
-        bucket, prefix = parse_s3_uri(prefix_uri)
+        """Every object under ``prefix_uri``; ``s3://bucket/`` lists the whole bucket."""
+        # Validate as if a name followed the prefix, so that an empty prefix is allowed.
+        bucket, prefix = parse_s3_uri(prefix_uri + "x")
+        prefix = prefix[:-1]
         paginator = self._client.get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(Bucket=bucket, Prefix=prefix):

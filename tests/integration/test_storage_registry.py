@@ -66,3 +66,10 @@ def test_two_promotions_from_the_same_state_cannot_both_win(object_store, bucket
     assert final is not None
     assert (final.version, final.previous_version) == ("r000000000002", first.version)
     assert [h["version"] for h in registry.history("sentiment")] == ["r000000000001", "r000000000002"]
+
+
+def test_listing_the_bucket_root_lists_every_object(object_store, bucket: str) -> None:  # type: ignore[no-untyped-def]
+    object_store.put(f"s3://{bucket}/a/b.json", b"{}")
+    object_store.put(f"s3://{bucket}/c.json", b"{}")
+    assert set(object_store.list_keys(f"s3://{bucket}/")) == {f"s3://{bucket}/a/b.json", f"s3://{bucket}/c.json"}
+    assert list(object_store.list_keys(f"s3://{bucket}/a/")) == [f"s3://{bucket}/a/b.json"]
