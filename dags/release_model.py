@@ -8,8 +8,10 @@ Scheduled by `train_model`'s candidates; also triggered from the UI or the REST 
 `{"conf": {"model_version": "r…"}}` or `{"conf": {"archive_uri": "s3://…/x.mar",
 "eval_dataset_uri": "s3://…/test.parquet"}}`.
 
-preflight → verify + deploy_canary → pretraffic_gate → check_accuracy → check_load → decide,
-with cleanup_canary as a teardown: a failure anywhere leaves no canary behind.
+preflight → verify + deploy_canary → pretraffic_gate → check_accuracy → check_load (all before
+any traffic) → analyze_canary (the canary's weight steps up through the router, each step judged
+against stable on the same window) → decide, with cleanup_canary as a teardown: a failure
+anywhere leaves no canary behind. The release report (JSON + HTML) is stored beside the record.
 """
 
 from __future__ import annotations
@@ -72,6 +74,13 @@ with DAG(
 
         return tasks.check_load(context, candidate)
 
+    @task(retries=0)
+    def analyze_canary(candidate, preflight_result, **context):
+        """Step the canary's weight up through the router; the judge decides each step on evidence."""
+        from ml_release.airflow import tasks
+
+        return tasks.analyze_canary(context, candidate, preflight_result)
+
     @task(retries=1, trigger_rule=TriggerRule.ALL_DONE)
     def decide(candidate, **context):
         """Promote when every check passed, else roll back; writes the release record."""
@@ -94,5 +103,5 @@ with DAG(
     load = check_load(candidate)
     deployed >> gate >> accuracy >> load
     decision = decide(candidate)
-    load >> decision
+    load >> analyze_canary(candidate, preflight_result) >> decision
     decision >> cleanup_canary(candidate).as_teardown(setups=deployed)  # type: ignore[arg-type]

@@ -18,6 +18,23 @@ if ! command -v curl >/dev/null 2>&1; then
   exit 1
 fi
 
+# The traffic router (HAProxy) and the proxy the load-generator tests hit (nginx) are Debian's.
+missing=()
+for tool in haproxy:haproxy nginx:nginx; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${tool%%:*}" ] || missing+=("${tool##*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing ${missing[*]} from Debian"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    # Only the binaries are needed: the project runs its own instances on loopback ports.
+    for svc in "${missing[@]}"; do service "$svc" stop >/dev/null 2>&1 || true; done
+  else
+    echo "setup: please install ${missing[*]} (Debian/Ubuntu: sudo apt-get install -y ${missing[*]})" >&2
+    exit 1
+  fi
+fi
+
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 if [ ! -x .venv/bin/python ]; then

@@ -6,5 +6,6 @@ cd "$(dirname "$0")/.."
 BIN=.venv/bin
 echo "== ruff";  $BIN/ruff check . && $BIN/ruff format --check .
 echo "== mypy";  $BIN/mypy
+echo "== hadolint"; PATH="$PWD/$BIN:$PATH" bash scripts/lint_dockerfiles.sh
 echo "== pytest"
 $BIN/python -m pytest -p no:cacheprovider "$@"

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "stack":
             state = stack_mod.status(settings)
             print(json.dumps(state, indent=2, default=str))
-            return 0 if all(state[k]["running"] for k in ("s3", "torchserve", "airflow")) else 3
+            return 0 if all(state[k]["running"] for k in ("s3", "torchserve", "router", "airflow")) else 3
         else:
             from ml_release.demo import run_demo
 

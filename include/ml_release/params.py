@@ -83,6 +83,14 @@ RELEASE_MODEL: dict[str, dict[str, Any]] = {
         **_S3_URI,
         "description": "s3:// URI of the labelled Parquet or CSV the candidate is judged on.",
     },
+    "traffic_rate_per_s": {
+        "default": None,
+        "type": ["null", "number"],
+        "minimum": 0,
+        "maximum": 1000,
+        "description": "Override: requests/s the pipeline sends through the production URL in each canary step "
+        "(0: judge live traffic only). Empty: the spec's release.canary.traffic_rate_per_s.",
+    },
 }
 
 ROLLBACK_MODEL: dict[str, dict[str, Any]] = {

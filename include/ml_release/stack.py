@@ -36,6 +36,7 @@ class StackSettings:
     ts_metrics_port: int
     ts_grpc_inference_port: int
     ts_grpc_management_port: int
+    router_port: int
     bucket: str
 
     @classmethod
@@ -49,6 +50,7 @@ class StackSettings:
             ts_metrics_port=int(env.get("ML_RELEASE_TS_METRICS_PORT", "8082")),
             ts_grpc_inference_port=int(env.get("ML_RELEASE_TS_GRPC_INFERENCE_PORT", "7070")),
             ts_grpc_management_port=int(env.get("ML_RELEASE_TS_GRPC_MANAGEMENT_PORT", "7071")),
+            router_port=int(env.get("ML_RELEASE_ROUTER_PORT", "8090")),
             bucket=env.get("ML_RELEASE_BUCKET", "ml-release"),
         )
 
@@ -71,6 +73,16 @@ class StackSettings:
     @property
     def passwords_file(self) -> Path:
         return self.airflow_home / "passwords.json"
+
+    def router(self) -> Any:
+        from ml_release.serving.router import LocalRouterSettings
+
+        return LocalRouterSettings(
+            state_dir=self.home / "router",
+            log_dir=self.logs / "router",
+            listen_port=self.router_port,
+            torchserve_inference_port=self.ts_inference_port,
+        )
 
     def torchserve(self) -> Any:
         from ml_release.serving.local import LocalTorchServeSettings
@@ -118,6 +130,10 @@ def stack_env(s: StackSettings) -> dict[str, str]:
             "metrics_url": f"http://127.0.0.1:{s.ts_metrics_port}",
             "key_file": str(ts.home / "key_file.json"),
             "model_store": str(ts.model_store),
+            # The production URL: the router splits it between the stable and the canary version.
+            "router_url": f"http://127.0.0.1:{s.router_port}",
+            "router_state_dir": str(s.router().state_dir),
+            "router_log_dir": str(s.router().log_dir),
         },
     }
     return {
@@ -266,6 +282,13 @@ def start(s: StackSettings, echo: Callable[[str], None] = print) -> None:
         echo(f"starting TorchServe (inference :{s.ts_inference_port}, management 127.0.0.1:{s.ts_management_port})")
         ts_local.start(ts)
 
+    from ml_release.serving.router import LocalRouter
+
+    router = LocalRouter(s.router())
+    if not router.running():
+        echo(f"starting the HAProxy router on {s.router().url} (the production URL)")
+    router.start()
+
     if _alive(s, "airflow") is None:
         s.airflow_home.mkdir(parents=True, exist_ok=True)
         _secret(s.passwords_file, lambda: json.dumps({"admin": secrets.token_urlsafe(16)}))
@@ -293,6 +316,12 @@ def stop(s: StackSettings, echo: Callable[[str], None] = print) -> None:
 
     if _stop(s, "airflow"):
         echo("stopped Airflow")
+    from ml_release.serving.router import LocalRouter
+
+    router = LocalRouter(s.router())
+    if router.running():
+        router.stop()
+        echo("stopped the router")
     try:
         ts_local.stop(s.torchserve())
         echo("stopped TorchServe")
@@ -309,8 +338,15 @@ def status(s: StackSettings) -> dict[str, Any]:
         ts_status = ts_local.status(s.torchserve())
     except Exception as exc:
         ts_status = {"running": False, "error": str(exc)}
+    from ml_release.serving.router import LocalRouter
+
+    try:
+        router_status = LocalRouter(s.router()).status()
+    except Exception as exc:
+        router_status = {"running": False, "error": str(exc)}
     return {
         "home": str(s.home),
+        "router": router_status,
         "logs": str(s.logs),
         "s3": {
             "running": _http_ok(s.s3_endpoint),

@@ -57,7 +57,7 @@ def test_release_model_runs_on_candidates_and_always_cleans_up(dagbag) -> None: 
     cleanup = dag.get_task("cleanup_canary")
     assert cleanup.is_teardown
     assert dag.get_task("decide").trigger_rule == "all_done"
-    gates = ["deploy_canary", "pretraffic_gate", "check_accuracy", "check_load", "decide"]
+    gates = ["deploy_canary", "pretraffic_gate", "check_accuracy", "check_load", "analyze_canary", "decide"]
     for upstream, downstream in itertools.pairwise(gates):
         assert downstream in dag.get_task(upstream).downstream_task_ids
 

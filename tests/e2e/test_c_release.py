@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 import tempfile
 from pathlib import Path
@@ -16,22 +15,6 @@ from ml_release.naming import run_key
 pytestmark = pytest.mark.e2e
 
 SPEC = ReleaseSpec.for_model("sentiment")
-
-
-@pytest.fixture(scope="module")
-def demo_release(e2e_stack: Any, airflow: Any, store: Any) -> dict[str, Any]:
-    """Drop the sample, trigger train_model over REST, follow the release its candidate schedules."""
-    from ml_release.demo import drop_sample_dataset, find_triggered_release
-
-    dataset_uri = drop_sample_dataset(e2e_stack, dt.date.today())
-    run_id = f"e2e-demo-{dt.datetime.now(dt.UTC).strftime('%H%M%S')}"
-    triggered = airflow.trigger("train_model", {"dataset_uri": dataset_uri}, dag_run_id=run_id)
-    train_run = airflow.wait_for_run("train_model", run_id, timeout_s=1800)
-    assert train_run["state"] == "success", airflow.task_instances("train_model", run_id)
-    release_run_id = find_triggered_release(airflow, triggered["run_after"])
-    release_run = airflow.wait_for_run("release_model", release_run_id, timeout_s=1200)
-    record_uri = f"s3://ml-release/releases/sentiment/{run_key('release_model', release_run_id)}/record.json"
-    return {"run": release_run, "record": store.get_json(record_uri), "dataset_uri": dataset_uri}
 
 
 def test_demo_release_is_promoted_with_a_complete_record(demo_release: dict[str, Any], torchserve: Any) -> None:
@@ -83,7 +66,7 @@ def _worse_archive(store: Any, production: dict[str, Any], tmp: Path) -> Path:
     worse_dir = tmp / "worse"
     model.save_pretrained(worse_dir)
     tokenizer.save_pretrained(worse_dir)
-    return build_archive(worse_dir, "sentiment", "upstream", SPEC.serving, tmp / "out")
+    return build_archive(worse_dir, "sentiment", "worse-1", SPEC.serving, tmp / "out")
 
 
 def test_a_worse_candidate_is_rolled_back_and_production_is_untouched(

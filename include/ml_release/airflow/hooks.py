@@ -8,6 +8,7 @@ XCom or logs (G30): the configs hide credentials from ``repr``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from airflow.sdk import BaseHook
 
@@ -78,3 +79,19 @@ class TorchServeHook(BaseHook):
 
     def get_client(self) -> TorchServeClient:
         return TorchServeClient(self.get_config())
+
+    def get_router(self) -> Any:
+        """The traffic router in front of TorchServe (the local HAProxy), or None if there is none."""
+        from ml_release.serving.router import LocalRouter, LocalRouterSettings
+
+        extra = self.get_connection(self.torchserve_conn_id).extra_dejson
+        if not extra.get("router_state_dir"):
+            return None
+        return LocalRouter(
+            LocalRouterSettings(
+                state_dir=Path(extra["router_state_dir"]),
+                log_dir=Path(extra["router_log_dir"]),
+                listen_port=int(extra["router_url"].rsplit(":", 1)[1]),
+                torchserve_inference_port=int(extra["inference_url"].rsplit(":", 1)[1]),
+            )
+        )

@@ -326,6 +326,10 @@ def preflight(context: Mapping[str, Any]) -> dict[str, Any]:
     result = release.preflight(
         ctx.store, ctx.registry, ctx.torchserve.get_client(), ctx.spec, ctx.torchserve.model_store()
     )
+    router = ctx.torchserve.get_router()
+    if router is not None and result["production_version"]:
+        # Reconcile: whatever an earlier, crashed release left, the production URL serves stable only.
+        router.configure(ctx.spec.model_name, result["production_version"], None)
     ctx.store.put_json(_check_uri(ctx, "preflight"), result)
     return result
 
@@ -395,6 +399,31 @@ def check_load(context: Mapping[str, Any], candidate: Mapping[str, Any]) -> dict
     )
 
 
+@fail_fast_on_verdicts
+def analyze_canary(
+    context: Mapping[str, Any], candidate: Mapping[str, Any], preflight_result: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The progressive canary: weights step up through the router, each step judged against stable."""
+    from ml_release.pipeline import release
+
+    def run(ctx: Ctx) -> dict[str, Any]:
+        production = preflight_result.get("production_version")
+        router = ctx.torchserve.get_router()
+        if router is None and production:
+            return {"passed": False, "reason": "no traffic router is configured for torchserve_default"}
+        return release.analyze_canary(
+            ctx.store,
+            ctx.torchserve.get_config(),
+            router,
+            ctx.spec,
+            _candidate(ctx, candidate),
+            production,
+            traffic_rate_per_s=ctx.params.get("traffic_rate_per_s"),
+        )
+
+    return _run_check(context, "analyze_canary", run)
+
+
 def decide(context: Mapping[str, Any], candidate_data: Mapping[str, Any] | None) -> dict[str, Any]:
     """Promote or roll back, write the release record, and fail the run if rolled back."""
     from ml_release.errors import ObjectExistsError
@@ -427,17 +456,30 @@ def decide(context: Mapping[str, Any], candidate_data: Mapping[str, Any] | None)
             checks,
             (preflight_result or {}).get("production_version"),
             ctx.run.key,
+            router=ctx.torchserve.get_router(),
         )
         record = release.release_record(ctx.spec, ctx.run, candidate, preflight_result, checks, decision)
+        record["report_uri"] = _write_report(ctx, record)
         try:
             ctx.store.put_json(record_uri, record, create_only=True)
         except ObjectExistsError:
             record = ctx.store.get_json(record_uri)
     log.info("release record: %s", record_uri)
+    log.info("release report: %s", record.get("report_uri"))
     log.info("decision: %s — %s", record["decision"], record["reason"])
     if record["decision"] != "promoted":
         raise AirflowFailException(f"rolled back: {record['reason']} (record: {record_uri})")
     return {"record_uri": record_uri, "decision": record["decision"], "reason": record["reason"]}
+
+
+def _write_report(ctx: Ctx, record: Mapping[str, Any]) -> str:
+    from ml_release.reporting.report import report_files
+
+    prefix = ctx.layout.release_prefix(ctx.spec.model_name, ctx.run)
+    for name, body in report_files(record).items():
+        ctype = "text/html; charset=utf-8" if name.endswith(".html") else "application/json"
+        ctx.store.put(f"{prefix}/{name}", body, content_type=ctype)
+    return f"{prefix}/report.html"
 
 
 def cleanup_canary(context: Mapping[str, Any], candidate_data: Mapping[str, Any] | None) -> None:
@@ -452,7 +494,9 @@ def cleanup_canary(context: Mapping[str, Any], candidate_data: Mapping[str, Any]
     production = ctx.registry.production(model)
     if (production is None or production.version != version) and version in client.versions(model):
         log.info("cleanup: %s/%s was not promoted; unregistering it", model, version)
-        release.rollback_canary(client, model, version, production.version if production else None)
+        release.rollback_canary(
+            client, model, version, production.version if production else None, ctx.torchserve.get_router()
+        )
     mar = ctx.torchserve.model_store() / release.mar_name(model, version)
     if production is None or production.version != version:
         mar.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import math
 import time
@@ -24,7 +25,7 @@ from ml_release.errors import (
     PreconditionFailedError,
     ServingError,
 )
-from ml_release.naming import check_version, model_version_for_run
+from ml_release.naming import check_version
 from ml_release.packaging.registry import ModelRegistry
 from ml_release.pipeline.layout import RunRef
 from ml_release.serving.torchserve import TorchServeClient, TorchServeConfig
@@ -32,7 +33,8 @@ from ml_release.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
-CHECKS = ("pretraffic_gate", "check_accuracy", "check_load")
+REPLAY_CONNECTIONS = 4  # enough to fill TorchServe's batches, few enough not to queue for long
+CHECKS = ("pretraffic_gate", "check_accuracy", "check_load", "analyze_canary")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,41 +72,69 @@ def resolve_candidate(
 ) -> Candidate:
     model = spec.model_name
     if conf.get("archive_uri"):
-        # An archive built upstream: register it under a version derived from this run, with the
-        # sha256 of the bytes as first seen, so that later tampering is caught (G16).
+        # An archive built upstream. TorchServe serves it under the version in its manifest, so
+        # that is its version here too; its sha256 is recorded as first seen, so that later
+        # tampering is caught before registration (G16).
         archive_uri = conf["archive_uri"]
         if store.head(archive_uri) is None:
             raise GateFailed(f"archive_uri {archive_uri} does not exist")
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            sha256 = store.download(archive_uri, Path(tmp) / "candidate.mar")
-        record, _ = registry.register_version(
-            {
-                "model_name": model,
-                "model_version": model_version_for_run(run.dag_id, run.run_id),
-                "archive_uri": archive_uri,
-                "sha256": sha256,
-                "eval_dataset_uri": conf["eval_dataset_uri"],
-                "source": {"dag_id": run.dag_id, "run_id": run.run_id, "upstream": True},
-            }
-        )
+            local = Path(tmp) / "candidate.mar"
+            sha256 = store.download(archive_uri, local)
+            name, version = archive_identity(local, archive_uri)
+        if name != model:
+            raise GateFailed(f"archive_uri {archive_uri} holds model {name!r}, not {model!r}")
+        try:
+            record, _ = registry.register_version(
+                {
+                    "model_name": model,
+                    "model_version": version,
+                    "archive_uri": archive_uri,
+                    "sha256": sha256,
+                    "eval_dataset_uri": conf["eval_dataset_uri"],
+                    "source": {"dag_id": run.dag_id, "run_id": run.run_id, "upstream": True},
+                }
+            )
+        except ArtifactIntegrityError as exc:
+            raise GateFailed(
+                f"archive_uri {archive_uri}: version {version!r} is already registered for another artifact; "
+                f"build the archive with a new --version ({exc})"
+            ) from exc
     else:
-        version = conf.get("model_version") or (asset_extra or {}).get("model_version")
-        if not version:
+        wanted = conf.get("model_version") or (asset_extra or {}).get("model_version")
+        if not wanted:
             raise GateFailed(
                 "no candidate: give model_version or archive_uri, or let a train_model candidate trigger the run"
             )
-        found = registry.get_version(model, version)
+        found = registry.get_version(model, wanted)
         if found is None:
-            raise GateFailed(f"model_version {version!r} is not registered for {model}")
+            raise GateFailed(f"model_version {wanted!r} is not registered for {model}")
         record = found
+    production = registry.production(model)
+    if production is not None and production.version == record["model_version"]:
+        raise GateFailed(f"{model}/{record['model_version']} is already the production version; nothing to release")
     eval_uri = conf.get("eval_dataset_uri") or record.get("eval_dataset_uri")
     if not eval_uri:
         eval_uri = (record.get("split") or {}).get("uris", {}).get("test")
     if not eval_uri:
         raise GateFailed(f"{model}/{record['model_version']}: no labelled evaluation set to judge it on")
     return Candidate(model, record["model_version"], record["archive_uri"], record["sha256"], eval_uri, record)
+
+
+def archive_identity(path: Path, uri: str) -> tuple[str, str]:
+    """(model name, version) from a .mar's manifest: the identity TorchServe will serve it under."""
+    import json
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
+        model = manifest["model"]
+        return str(model["modelName"]), check_version(str(model["modelVersion"]), field="archive version")
+    except (zipfile.BadZipFile, KeyError, ValueError) as exc:
+        raise GateFailed(f"archive_uri {uri} is not a TorchServe model archive: {exc}") from exc
 
 
 # -- preflight -------------------------------------------------------------------------------
@@ -241,18 +271,23 @@ def pretraffic_gate(client: TorchServeClient, spec: ReleaseSpec, candidate: Cand
     }
 
 
-def _replay(
-    config: TorchServeConfig, spec: ReleaseSpec, version: str, texts: Sequence[str], rate_per_s: float
-) -> list[str | None]:
-    from ml_release.analysis.loadgen import run_open_loop
+def _replay(config: TorchServeConfig, spec: ReleaseSpec, version: str, texts: Sequence[str]) -> list[str | None]:
+    """Each labelled text through ``version``'s own URL; ``None`` where no valid answer came back.
 
-    result = run_open_loop(
+    A replay measures answers, not latency: it runs closed-loop with a few connections, so a busy
+    server slows it down instead of turning late answers into "unanswered" (which count as wrong).
+    """
+    from ml_release.analysis.loadgen import run_closed_loop
+
+    result = run_closed_loop(
         version_url(config, spec.model_name, version),
         [{"text": t} for t in texts],
-        rate_per_s=rate_per_s,
+        connections=REPLAY_CONNECTIONS,
         count=len(texts),
         headers={"Authorization": f"Bearer {config.inference_token}"},
         timeout_s=spec.release.load.timeout_s * 3,
+        keep_bodies=True,
+        max_duration_s=max(120.0, len(texts) * 0.5),
     )
     return [s.body.get("label") if s.status == 200 and isinstance(s.body, dict) else None for s in result.samples]
 
@@ -268,10 +303,9 @@ def check_accuracy(
     frame = _read_labelled(store, spec, candidate.eval_dataset_uri)
     frame = frame.sample(n=min(len(frame), spec.release.accuracy.max_samples), random_state=0)
     texts, truth = frame["text"].tolist(), frame["label"].tolist()
-    rate = max(spec.release.load.rate_per_s, 20.0)
 
     def accuracy(version: str) -> dict[str, Any]:
-        predicted = _replay(config, spec, version, texts, rate)
+        predicted = _replay(config, spec, version, texts)
         answered = sum(p is not None for p in predicted)
         correct = sum(p == t for p, t in zip(predicted, truth, strict=True))
         # Unanswered requests count as wrong: missing evidence never helps a candidate (G21).
@@ -369,6 +403,7 @@ def decide(
     checks: Mapping[str, Mapping[str, Any] | None],
     production_version: str | None,
     release_id: str,
+    router: Any = None,
 ) -> dict[str, Any]:
     """Promote when every check passed on evidence; otherwise roll back. Never both."""
     failed = [
@@ -390,9 +425,11 @@ def decide(
                     client.set_default(model, production_version)
                 failed.append(f"lost the promotion race: {exc}")
     if not failed:
+        if router is not None:
+            router.configure(model, candidate.version, None)  # the production URL: all on the new stable
         reason = "every check passed: " + "; ".join(str(c["reason"]) for c in checks.values() if c)
         return {"decision": "promoted", "reason": reason, "default_version": client.default_version(model)}
-    rollback_canary(client, model, candidate.version, production_version)
+    rollback_canary(client, model, candidate.version, production_version, router)
     registry.append_history(
         model, {"event": "rollback", "version": candidate.version, "release_id": release_id, "reason": failed}
     )
@@ -403,10 +440,17 @@ def decide(
     }
 
 
-def rollback_canary(client: TorchServeClient, model: str, version: str, production_version: str | None) -> None:
-    """Take the candidate out; production stays registered, default and warm (G24, G25)."""
+def rollback_canary(
+    client: TorchServeClient, model: str, version: str, production_version: str | None, router: Any = None
+) -> None:
+    """Weight 0 first, then the candidate out; production stays registered, default and warm (G24, G25)."""
     if version == production_version:
         return
+    if router is not None and production_version:
+        state = router.desired_state()
+        if state.canary_version == version:
+            router.set_canary_weight(0)
+        router.configure(model, production_version, None)
     if production_version and client.default_version(model) != production_version:
         client.set_default(model, production_version)
     client.unregister(model, version)
@@ -438,7 +482,8 @@ def release_record(
         "training": lineage.get("training"),
         "evaluation": lineage.get("evaluation"),
         "archive": {"uri": candidate.archive_uri, "sha256": candidate.sha256},
-        "checks": dict(checks),
+        "checks": {k: v for k, v in checks.items() if k != "analyze_canary"},
+        "canary": checks.get("analyze_canary"),
         "decision": decision["decision"],
         "reason": decision["reason"],
         "default_version_after": decision.get("default_version"),
@@ -480,3 +525,180 @@ def revert_production(
         },
     )
     return {"from_version": alias.version, "to_version": target, "reason": reason}
+
+
+# -- progressive canary ----------------------------------------------------------------------
+
+VERSION_HEADER = "X-ML-Release-Backend-Version"  # set by the router even on errors it generates
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+def _step_samples(result: Any, version: str) -> Any:
+    """The judge's samples for ``version``; a 5xx that says "non-finite scores" counts as one."""
+    from ml_release.analysis.loadgen import version_samples
+
+    samples = version_samples(result, version)
+    flagged = sum(
+        1
+        for s in result.samples
+        if s.served_by == version and isinstance(s.body, dict) and s.body.get("kind") == "non_finite_scores"
+    )
+    return dataclasses.replace(samples, non_finite_responses=samples.non_finite_responses + flagged)
+
+
+def _paired_replay(config: TorchServeConfig, spec: ReleaseSpec, canary: str, stable: str, rows: Any) -> Any:
+    """The same labelled rows through both versions' own URLs, concurrently: same window (G23)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ml_release.analysis.judge import LabelledReplay
+
+    texts, truth = rows["text"].tolist(), rows["label"].tolist()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        c = pool.submit(_replay, config, spec, canary, texts)
+        s = pool.submit(_replay, config, spec, stable, texts)
+        canary_labels, stable_labels = c.result(), s.result()
+    return LabelledReplay(tuple(truth), tuple(canary_labels), tuple(stable_labels), tuple(spec.data.labels))
+
+
+def analyze_canary(
+    store: ObjectStore,
+    config: TorchServeConfig,
+    router: Any,
+    spec: ReleaseSpec,
+    candidate: Candidate,
+    production_version: str | None,
+    traffic_rate_per_s: float | None = None,
+) -> dict[str, Any]:
+    """Walk the canary through the spec's steps; judge each on evidence; stop at the first Fail.
+
+    Each step sets the router's weight and reads it back (G20), sends held-out texts through the
+    production URL at a constant rate (stable and canary share the window, G23), replays labelled
+    rows through both versions, and hands the measurements to the pure judge. A failing or
+    inconclusive canary goes to weight 0 before anything else happens (G24). Returns the rollout's
+    evidence; ``passed`` only if the judge said promote.
+    """
+    from ml_release.analysis import judge
+    from ml_release.analysis.loadgen import run_open_loop
+
+    if production_version is None:
+        return {
+            "passed": True,
+            "mode": "first_release",
+            "reason": "first release: no stable version to compare with; the pre-traffic checks are the evidence",
+            "steps": [],
+            "weight_timeline": [],
+        }
+    canary_spec, policy = spec.release.canary, spec.release.analysis
+    rate = canary_spec.traffic_rate_per_s if traffic_rate_per_s is None else traffic_rate_per_s
+    frame = _read_labelled(store, spec, candidate.eval_dataset_uri).sample(frac=1.0, random_state=7)
+    texts = frame["text"].tolist()
+    model = spec.model_name
+    headers = {"Authorization": f"Bearer {config.inference_token}"}
+    timeline: list[dict[str, Any]] = []
+    steps: list[dict[str, Any]] = []
+    verdicts: list[Any] = []
+
+    def set_weight(weight: float, reason: str) -> float:
+        effective = router.set_canary_weight(min(weight, canary_spec.max_weight))
+        timeline.append({"at": _now(), "weight": weight, "effective_weight": effective, "reason": reason})
+        return float(effective)
+
+    def send_traffic(count: int) -> Any:
+        return run_open_loop(
+            f"{router.settings.url}/predictions/{model}",
+            [{"text": t} for t in texts],
+            rate_per_s=rate,
+            count=count,
+            headers=headers,
+            timeout_s=canary_spec.request_timeout_s,
+            version_header=VERSION_HEADER,
+        )
+
+    def replay_labelled(rows: Any) -> Any:
+        assert production_version is not None
+        return _paired_replay(config, spec, candidate.version, production_version, rows)
+
+    router.configure(model, production_version, candidate.version)
+    started = time.monotonic()
+    index, attempt, replay_offset = 0, 0, 0
+    decision: Any = None
+    while True:
+        step = canary_spec.steps[index]
+        effective = set_weight(step.weight, f"step {index}")
+        step_started = _now()
+        traffic = None
+        if rate > 0 and step.requests > 0 and texts:
+            traffic = judge.collect("traffic", functools.partial(send_traffic, step.requests))
+        rows = frame.iloc[replay_offset : replay_offset + step.replay_rows]
+        replay_offset = (replay_offset + step.replay_rows) % max(len(frame), 1)
+        replay = judge.collect("replay", functools.partial(replay_labelled, rows)) if len(rows) else None
+        errors = tuple(x for x in (traffic, replay) if isinstance(x, judge.ProviderError))
+        served: dict[str, int] = {"canary": 0, "stable": 0, "unattributed": 0}
+        canary_samples = stable_samples = None
+        unattributed: tuple[int, ...] = ()
+        if traffic is not None and not isinstance(traffic, judge.ProviderError):
+            canary_samples = _step_samples(traffic, candidate.version)
+            stable_samples = _step_samples(traffic, production_version)
+            unattributed = tuple(s.status for s in traffic.samples if s.served_by is None)
+            served = {
+                "canary": canary_samples.requests,
+                "stable": stable_samples.requests,
+                "unattributed": len(unattributed),
+            }
+        measurements = judge.StepMeasurements(
+            step=index,
+            weight=effective,
+            canary=canary_samples,
+            stable=stable_samples,
+            replay=None if replay is None or isinstance(replay, judge.ProviderError) else replay,
+            unattributed_statuses=unattributed,
+            errors=errors,
+        )
+        verdict = judge.assess(measurements, policy)
+        verdicts.append(verdict)
+        decision = judge.decide_rollout(
+            verdicts, policy, total_steps=len(canary_spec.steps), elapsed_s=time.monotonic() - started
+        )
+        log.info(
+            "canary step %d (weight %.0f%%, attempt %d): %s — %s",
+            index,
+            effective,
+            attempt,
+            verdict.phase,
+            verdict.message,
+        )
+        steps.append(
+            {
+                "step": index,
+                "attempt": attempt,
+                "weight": step.weight,
+                "effective_weight": effective,
+                "started_at": step_started,
+                "ended_at": _now(),
+                "served": served,
+                "measurements": measurements.to_dict(),
+                "verdict": verdict.to_dict(),
+            }
+        )
+        if decision.action in (judge.Action.ROLLBACK, judge.Action.PROMOTE):
+            break
+        if decision.action is judge.Action.ADVANCE and decision.next_step is not None:
+            index, attempt = decision.next_step, 0
+        else:
+            attempt += 1
+    passed = decision.action is judge.Action.PROMOTE
+    if not passed:
+        set_weight(0, f"rollback: {decision.reason}")
+    return {
+        "passed": passed,
+        "mode": "progressive",
+        "reason": decision.reason if passed else f"{decision.phase}: {decision.reason}",
+        "decision": decision.to_dict(),
+        "steps": steps,
+        "weight_timeline": timeline,
+        "traffic_rate_per_s": rate,
+        "max_weight": canary_spec.max_weight,
+    }
