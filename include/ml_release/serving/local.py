@@ -18,7 +18,6 @@ import dataclasses
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -278,25 +277,11 @@ def start(settings: LocalTorchServeSettings, timeout_s: float = 120) -> TorchSer
 
 def stop(settings: LocalTorchServeSettings, timeout_s: float = 60) -> None:
     """Stop this instance and its workers; a no-op when it is not running."""
-    import psutil
+    from ml_release.processes import terminate_tree
 
     proc = _server_process(settings)
     if proc is not None:
-        try:
-            # Workers normally exit with the frontend; they are collected first so that none
-            # survives a frontend that had to be killed.
-            children = proc.children(recursive=True)
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout_s)
-            except psutil.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-            _, alive = psutil.wait_procs(children, timeout=10)
-            for child in alive:
-                child.kill()
-        except psutil.NoSuchProcess:
-            pass
+        terminate_tree(proc, timeout_s)  # the frontend and its Python workers
     (_tmp_dir(settings) / PID_FILE).unlink(missing_ok=True)
     key_file(settings).unlink(missing_ok=True)
 

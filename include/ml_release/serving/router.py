@@ -41,6 +41,7 @@ already running (G26).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -558,22 +559,12 @@ class LocalRouter:
     def _stop_master(self, timeout_s: float = 15) -> None:
         import psutil
 
+        from ml_release.processes import terminate_tree
+
         pid = self._master_pid()
         if pid is not None:
-            try:
-                proc = psutil.Process(pid)
-                workers = proc.children(recursive=True)
-                proc.terminate()
-                try:
-                    proc.wait(timeout=timeout_s)
-                except psutil.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=5)
-                _, alive = psutil.wait_procs(workers, timeout=5)
-                for worker in alive:
-                    worker.kill()
-            except psutil.NoSuchProcess:
-                pass
+            with contextlib.suppress(psutil.NoSuchProcess):  # gone between the pid check and now
+                terminate_tree(psutil.Process(pid), timeout_s, children_timeout_s=5)
         (Path(self.settings.state_dir) / PID_FILE).unlink(missing_ok=True)
 
     def _log_tail(self, lines: int = 30) -> str:
