@@ -77,3 +77,15 @@ def bucket(object_store) -> str:  # type: ignore[no-untyped-def]
     name = f"test-{uuid.uuid4().hex[:16]}"
     object_store.ensure_bucket(name)
     return name
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BERT classifier saved like the trainer saves one (handler and TorchServe tests)."""
+    from ml_release.training.model import tiny_classifier
+
+    model, tokenizer = tiny_classifier(("negative", "neutral", "positive"))
+    path = tmp_path_factory.mktemp("tiny-model")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -56,17 +56,6 @@ def torchserve_client(torchserve: LocalTorchServe) -> Iterator[TorchServeClient]
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ml_release.training.model import tiny_classifier
-
-    model, tokenizer = tiny_classifier(TINY_LABELS)
-    path = tmp_path_factory.mktemp("tiny-model")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="session")
 def tiny_archives(torchserve: LocalTorchServe, tiny_model_dir: Path) -> dict[str, str]:
     """Two versions of the tiny model in the model store: version -> file name to register."""
     from ml_release.packaging.archiver import build_archive

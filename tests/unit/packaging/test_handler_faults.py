@@ -23,32 +23,12 @@ from ml_release.packaging.handler import (
     TextClassifierHandler,
     fault_settings,
 )
+from tests.support.torchserve_context import make_context
 
 pytestmark = pytest.mark.unit
 
 LABELS = ["negative", "neutral", "positive"]
 SERVING = ServingSpec(batch_size=4, max_batch_delay_ms=10, workers=1, response_timeout_s=30, torch_threads=1)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ml_release.training.model import tiny_classifier
-
-    model, tokenizer = tiny_classifier(LABELS)
-    path = tmp_path_factory.mktemp("tiny-model")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def make_context(model_dir: Path, batch: int, yaml_config: dict[str, Any] | None = None, version: str = "r1") -> Any:
-    """TorchServe's own Context, as its MockContext builds it, with one request processor a row."""
-    from ts.context import Context, RequestProcessor
-
-    manifest = {"model": {"modelName": "tiny", "modelVersion": version, "handler": "ml_release_entry.py"}}
-    context = Context("tiny", str(model_dir), manifest, batch, None, "0.12.0", model_yaml_config=yaml_config)
-    context.request_processor = [RequestProcessor({}) for _ in range(batch)]
-    return context
 
 
 @pytest.fixture(autouse=True)
