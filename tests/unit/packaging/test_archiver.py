@@ -20,17 +20,6 @@ SERVING = ServingSpec(batch_size=4, max_batch_delay_ms=10, workers=2, response_t
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ml_release.training.model import tiny_classifier
-
-    model, tokenizer = tiny_classifier(["negative", "neutral", "positive"])
-    path = tmp_path_factory.mktemp("tiny-model")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def mar(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_archive(
         tiny_model_dir, "sentiment", "r0123abc", SERVING, tmp_path_factory.mktemp("store"), max_length=64
