@@ -134,7 +134,9 @@ class FaultSettings:
     NaN, which the handler then answers as any non-finite output (HTTP 500, ``kind``
     ``non_finite_scores``). ``seed``: makes the draws repeatable. ``version``: when set, the faults
     apply only to a worker of that model version; it lets ``ML_RELEASE_FAULTS`` target the canary of
-    a TorchServe process that also serves stable.
+    a TorchServe process that also serves stable. ``after_rows``: the faults start only once the
+    worker has answered this many well-formed rows, like a fault that shows under production
+    traffic but not in a handful of pre-traffic golden requests (a leak, a cache that fills up).
     """
 
     error_rate: float = 0.0
@@ -143,6 +145,7 @@ class FaultSettings:
     nan_rate: float = 0.0
     seed: int | None = None
     version: str | None = None
+    after_rows: int = 0
 
     def __post_init__(self) -> None:
         for name in ("error_rate", "nan_rate"):
@@ -160,6 +163,8 @@ class FaultSettings:
             raise ValueError(f"faults.seed must be an integer, got {self.seed!r}")
         if self.version is not None and not isinstance(self.version, str):
             raise ValueError(f"faults.version must be a string, got {self.version!r}")
+        if not isinstance(self.after_rows, int) or isinstance(self.after_rows, bool) or self.after_rows < 0:
+            raise ValueError(f"faults.after_rows must be an integer >= 0, got {self.after_rows!r}")
 
     @property
     def active(self) -> bool:
@@ -245,6 +250,7 @@ class TextClassifierHandler(BaseHandler):
         self.model_version: str | None = None
         self.faults = NO_FAULTS
         self._fault_rng = random.Random()
+        self._rows_answered = 0  # well-formed rows this worker has seen; arms faults.after_rows
 
     def initialize(self, context: Any) -> None:
         # Nothing in a worker may reach a model hub; fail loudly on a missing file instead.
@@ -317,6 +323,7 @@ class TextClassifierHandler(BaseHandler):
         self.context = context
         outputs: list[Any] = [None] * len(data)
         valid: list[tuple[int, str]] = []
+        armed_rows: set[int] = set()
         faults = self.faults
         for idx, row in enumerate(data):
             try:
@@ -324,12 +331,16 @@ class TextClassifierHandler(BaseHandler):
             except RequestError as exc:
                 self._fail(context, idx, 400, str(exc), outputs)
                 continue
-            if faults.error_rate > 0 and self._fault_rng.random() < faults.error_rate:
+            armed = faults.active and self._rows_answered >= faults.after_rows
+            self._rows_answered += 1
+            if armed and faults.error_rate > 0 and self._fault_rng.random() < faults.error_rate:
                 message = f"injected fault: HTTP {faults.error_status} on {faults.error_rate:.0%} of requests"
                 self._fail(context, idx, faults.error_status, message, outputs, kind=INJECTED)
                 continue
             valid.append((idx, text))
-        if valid and faults.latency_ms > 0:
+            if armed:
+                armed_rows.add(idx)
+        if armed_rows and faults.latency_ms > 0:
             time.sleep(faults.latency_ms / 1000.0)
         if valid:
             try:
@@ -342,7 +353,7 @@ class TextClassifierHandler(BaseHandler):
                     self._fail(context, idx, 500, str(exc), outputs)
             else:
                 for (idx, _), row_scores in zip(valid, probabilities, strict=True):
-                    if faults.nan_rate > 0 and self._fault_rng.random() < faults.nan_rate:
+                    if idx in armed_rows and faults.nan_rate > 0 and self._fault_rng.random() < faults.nan_rate:
                         row_scores = [math.nan] * len(row_scores)
                     try:
                         outputs[idx] = postprocess_row(row_scores, self.labels)

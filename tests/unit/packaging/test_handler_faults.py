@@ -113,6 +113,37 @@ def test_latency_is_added_once_per_batch(tiny_model_dir: Path) -> None:
     assert time.perf_counter() - started >= 0.15
 
 
+def test_after_rows_spares_the_first_rows_then_every_fault_applies(tiny_model_dir: Path) -> None:
+    """A fault that only shows under traffic: the first rows (a pre-traffic gate's) are answered."""
+    h = handler_with(tiny_model_dir, {"nan_rate": 1.0, "after_rows": 5})
+    first, early = run_rows(h, tiny_model_dir, 3)
+    later, late = run_rows(h, tiny_model_dir, 4)
+    assert [early.get_response_status(i)[0] for i in range(3)] == [200, 200, 200]
+    assert [late.get_response_status(i)[0] for i in range(4)] == [200, 200, 500, 500]
+    assert all("label" in row for row in first)
+    assert [row.get("kind") for row in later] == [None, None, NON_FINITE, NON_FINITE]
+
+
+def test_after_rows_holds_back_errors_and_latency_too(tiny_model_dir: Path) -> None:
+    errors = handler_with(tiny_model_dir, {"error_rate": 1.0, "after_rows": 2})
+    _, ctx = run_rows(errors, tiny_model_dir, 4)
+    assert [ctx.get_response_status(i)[0] for i in range(4)] == [200, 200, 503, 503]
+    slow = handler_with(tiny_model_dir, {"latency_ms": 300, "after_rows": 2})
+    started = time.perf_counter()
+    run_rows(slow, tiny_model_dir, 2)
+    assert time.perf_counter() - started < 0.3
+    started = time.perf_counter()
+    run_rows(slow, tiny_model_dir, 1)
+    assert time.perf_counter() - started >= 0.3
+
+
+def test_malformed_rows_do_not_count_towards_after_rows(tiny_model_dir: Path) -> None:
+    h = handler_with(tiny_model_dir, {"error_rate": 1.0, "after_rows": 1})
+    context = make_context(tiny_model_dir, batch=3)
+    h.handle([{"body": b"not json"}, {"body": {"text": "one"}}, {"body": {"text": "two"}}], context)
+    assert [context.get_response_status(i)[0] for i in range(3)] == [400, 200, 503]
+
+
 def test_the_environment_overrides_the_archive(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(FAULTS_ENV, json.dumps({"error_rate": 1.0}))
     h = handler_with(tiny_model_dir, {"nan_rate": 1.0})
@@ -136,8 +167,20 @@ def test_faults_with_a_version_apply_only_to_that_version(tiny_model_dir: Path, 
         ({"latency_ms": -1}, "latency_ms"),
         ({"eror_rate": 0.5}, "unknown keys 'eror_rate'"),
         ({"seed": "x"}, "seed"),
+        ({"after_rows": -1}, "after_rows"),
+        ({"after_rows": 2.5}, "after_rows"),
     ],
-    ids=["rate-over-1", "negative-rate", "not-5xx", "bool-status", "negative-latency", "typo", "seed"],
+    ids=[
+        "rate-over-1",
+        "negative-rate",
+        "not-5xx",
+        "bool-status",
+        "negative-latency",
+        "typo",
+        "seed",
+        "negative-onset",
+        "fractional-onset",
+    ],
 )
 def test_bad_fault_settings_are_refused(raw: dict[str, Any], problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
