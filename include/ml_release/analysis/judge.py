@@ -24,8 +24,10 @@ from typing import Any, Literal, TypeVar
 from ml_release.analysis import stats
 from ml_release.errors import SpecError
 
-MetricKind = Literal["latency", "error_rate", "accuracy", "prediction_shift", "non_finite", "unattributed_errors"]
-Provider = Literal["traffic", "replay"]
+MetricKind = Literal[
+    "latency", "error_rate", "accuracy", "prediction_shift", "non_finite", "unattributed_errors", "worker_restarts"
+]
+Provider = Literal["traffic", "replay", "health"]
 
 PROVIDER_OF: Mapping[str, Provider] = {
     "latency": "traffic",
@@ -34,14 +36,17 @@ PROVIDER_OF: Mapping[str, Provider] = {
     "non_finite": "traffic",
     "unattributed_errors": "traffic",
     "accuracy": "replay",
+    "worker_restarts": "health",
 }
 HIGHER_IS_BETTER = frozenset({"accuracy"})
+ZERO_TOLERANCE = frozenset({"non_finite", "unattributed_errors", "worker_restarts"})  # default limit 0
 DEFAULT_MIN_SAMPLES: Mapping[str, int] = {
     "error_rate": 200,
     "accuracy": 200,
     "prediction_shift": 100,
     "non_finite": 1,
     "unattributed_errors": 100,
+    "worker_restarts": 1,
 }
 DEFAULT_MIN_EFFECT_SIZE = 0.56  # P(canary > stable); Vargha-Delaney's "small" effect
 
@@ -118,6 +123,13 @@ class MetricPolicy:
         return DEFAULT_MIN_SAMPLES[self.kind]
 
     @property
+    def limit(self) -> float | None:
+        """The absolute threshold: ``slo``, or 0 for the kinds where any occurrence is one too many."""
+        if self.slo is None and self.kind in ZERO_TOLERANCE:
+            return 0.0
+        return self.slo
+
+    @property
     def effect_floor(self) -> float:
         return self.min_effect_size if self.min_effect_size is not None else DEFAULT_MIN_EFFECT_SIZE
 
@@ -130,6 +142,7 @@ class MetricPolicy:
             "prediction_shift": "predicted-label PSI",
             "non_finite": "non-finite outputs",
             "unattributed_errors": "unattributed error rate",
+            "worker_restarts": "worker restarts",
         }[self.kind]
 
 
@@ -206,6 +219,17 @@ class VersionSamples:
             "non_finite_responses": self.non_finite_responses,
         }
 
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> VersionSamples:
+        """Inverse of :meth:`to_dict` (a non-finite latency was written as null)."""
+        return cls(
+            version=str(raw["version"]),
+            latencies_ms=tuple(math.nan if x is None else float(x) for x in raw["latencies_ms"]),
+            statuses=tuple(int(x) for x in raw["statuses"]),
+            predicted_labels=tuple(str(x) for x in raw["predicted_labels"]),
+            non_finite_responses=int(raw["non_finite_responses"]),
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class LabelledReplay:
@@ -223,6 +247,44 @@ class LabelledReplay:
             "stable": list(self.stable),
             "labels": list(self.labels),
         }
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> LabelledReplay:
+        def answers(xs: Sequence[Any]) -> tuple[str | None, ...]:
+            return tuple(None if x is None else str(x) for x in xs)
+
+        return cls(tuple(map(str, raw["truth"])), answers(raw["canary"]), answers(raw["stable"]), tuple(raw["labels"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerHealth:
+    """One version's serving workers over a step, read from the server before and after it.
+
+    ``restarts``: workers that died during the step (their process changed or vanished);
+    ``not_ready``: workers not READY when the step ended; ``workers``: how many were READY at its
+    start. A worker that crashes mid-step is a canary fault even when the requests it dropped are
+    too few to move the error rate (Flagger and Argo Rollouts abort on a crash-looping canary too).
+    """
+
+    version: str
+    workers: int
+    restarts: int = 0
+    not_ready: int = 0
+    details: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "workers": self.workers,
+            "restarts": self.restarts,
+            "not_ready": self.not_ready,
+            "details": _plain(self.details),
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> WorkerHealth:
+        counts = (int(raw["workers"]), int(raw["restarts"]), int(raw["not_ready"]))
+        return cls(str(raw["version"]), *counts, details=raw.get("details", {}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,6 +312,8 @@ class StepMeasurements:
     replay: LabelledReplay | None = None
     unattributed_statuses: tuple[int, ...] = ()
     errors: tuple[ProviderError, ...] = ()
+    canary_health: WorkerHealth | None = None
+    stable_health: WorkerHealth | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -260,7 +324,28 @@ class StepMeasurements:
             "replay": self.replay.to_dict() if self.replay else None,
             "unattributed_statuses": list(self.unattributed_statuses),
             "errors": [e.to_dict() for e in self.errors],
+            "canary_health": self.canary_health.to_dict() if self.canary_health else None,
+            "stable_health": self.stable_health.to_dict() if self.stable_health else None,
         }
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> StepMeasurements:
+        """Inverse of :meth:`to_dict`: a release record's measurements, ready to be judged again."""
+
+        def opt(key: str, kind: Any) -> Any:
+            return kind.from_dict(raw[key]) if raw.get(key) is not None else None
+
+        return cls(
+            step=int(raw["step"]),
+            weight=float(raw["weight"]),
+            canary=opt("canary", VersionSamples),
+            stable=opt("stable", VersionSamples),
+            replay=opt("replay", LabelledReplay),
+            unattributed_statuses=tuple(int(x) for x in raw.get("unattributed_statuses", ())),
+            errors=tuple(ProviderError(e["provider"], e["message"]) for e in raw.get("errors", ())),
+            canary_health=opt("canary_health", WorkerHealth),
+            stable_health=opt("stable_health", WorkerHealth),
+        )
 
 
 def collect(provider: Provider, measure: Callable[[], T]) -> T | ProviderError:
@@ -435,7 +520,7 @@ def _assess_metric(mp: MetricPolicy, m: StepMeasurements) -> MetricVerdict:
         "metric": mp.name,
         "kind": mp.kind,
         "direction": mp.direction,
-        "threshold": mp.slo,
+        "threshold": mp.limit,
         "max_regression": mp.max_regression if mp.kind in ("latency", "error_rate", "accuracy") else None,
     }
     errors = [e for e in m.errors if e.provider == mp.provider]
@@ -639,7 +724,7 @@ def _non_finite(mp: MetricPolicy, m: StepMeasurements, base: dict[str, Any]) -> 
         return _no_samples(mp, m, base, need_stable=False)
     bad = m.canary.non_finite_responses
     scored = len(m.canary.predicted_labels) + bad
-    limit = mp.slo if mp.slo is not None else 0.0
+    limit = mp.limit or 0.0
     fig: dict[str, Any] = {"value": float(bad), "n_canary": scored, "details": {"scored_responses": scored}}
     if bad > limit:  # evidence of harm needs no minimum sample
         return MetricVerdict(
@@ -664,7 +749,7 @@ def _unattributed(mp: MetricPolicy, m: StepMeasurements, base: dict[str, Any]) -
     }
     if total < mp.required_samples:
         return _inconclusive(mp, base, f"{total} requests < {mp.required_samples} needed", **fig)
-    limit = mp.slo if mp.slo is not None else 0.0
+    limit = mp.limit or 0.0
     rate = errors / total
     # a failure that names no version may be the canary's: rolling back is the safe reading (G24)
     if rate > limit:
@@ -677,6 +762,33 @@ def _unattributed(mp: MetricPolicy, m: StepMeasurements, base: dict[str, Any]) -
     return MetricVerdict(**base, phase=Phase.PASS, message=f"{errors} unattributed failure(s) of {total}", **fig)
 
 
+def _worker_restarts(mp: MetricPolicy, m: StepMeasurements, base: dict[str, Any]) -> MetricVerdict:
+    health = m.canary_health
+    if health is None:
+        return _inconclusive(mp, base, "the canary's workers were not read")
+    bad = health.restarts + health.not_ready
+    limit = mp.limit or 0.0
+    fig: dict[str, Any] = {"value": float(bad), "n_canary": health.workers, "details": health.to_dict()}
+    if m.stable_health is not None:
+        fig["stable_value"] = float(m.stable_health.restarts + m.stable_health.not_ready)
+        fig["n_stable"] = m.stable_health.workers
+    if bad > limit:  # a crash is evidence enough; it needs no sample size
+        return MetricVerdict(
+            **base,
+            phase=Phase.FAIL,
+            message=(
+                f"Halt advancement: canary worker(s) restarted {health.restarts} time(s) and "
+                f"{health.not_ready} not READY at the end of the step ({bad} > {limit:g})"
+            ),
+            **fig,
+        )
+    if health.workers < 1:
+        return _inconclusive(mp, base, "the canary had no READY worker when the step began", **fig)
+    return MetricVerdict(
+        **base, phase=Phase.PASS, message=f"canary's {health.workers} worker(s) stayed up and READY", **fig
+    )
+
+
 _EVALUATORS: Mapping[str, Callable[[MetricPolicy, StepMeasurements, dict[str, Any]], MetricVerdict]] = {
     "latency": _latency,
     "error_rate": _error_rate,
@@ -684,6 +796,7 @@ _EVALUATORS: Mapping[str, Callable[[MetricPolicy, StepMeasurements, dict[str, An
     "prediction_shift": _prediction_shift,
     "non_finite": _non_finite,
     "unattributed_errors": _unattributed,
+    "worker_restarts": _worker_restarts,
 }
 
 
@@ -699,6 +812,7 @@ def default_policy() -> AnalysisPolicy:
                 {"name": "prediction_shift", "kind": "prediction_shift", "slo": 0.2},
                 {"name": "non_finite", "kind": "non_finite"},
                 {"name": "unattributed_errors", "kind": "unattributed_errors", "slo": 0.01},
+                {"name": "worker_restarts", "kind": "worker_restarts", "slo": 0},
             ],
             "failure_limit": 0,
             "inconclusive_limit": 2,

@@ -28,7 +28,7 @@ from ml_release.errors import (
 from ml_release.naming import check_version
 from ml_release.packaging.registry import ModelRegistry
 from ml_release.pipeline.layout import RunRef
-from ml_release.serving.torchserve import TorchServeClient, TorchServeConfig
+from ml_release.serving.torchserve import READY, TorchServeClient, TorchServeConfig
 from ml_release.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -536,6 +536,10 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
+def _iso(epoch_s: float) -> str:
+    return dt.datetime.fromtimestamp(epoch_s, dt.UTC).isoformat(timespec="milliseconds")
+
+
 def _step_samples(result: Any, version: str) -> Any:
     """The judge's samples for ``version``; a 5xx that says "non-finite scores" counts as one."""
     from ml_release.analysis.loadgen import version_samples
@@ -547,6 +551,35 @@ def _step_samples(result: Any, version: str) -> Any:
         if s.served_by == version and isinstance(s.body, dict) and s.body.get("kind") == "non_finite_scores"
     )
     return dataclasses.replace(samples, non_finite_responses=samples.non_finite_responses + flagged)
+
+
+def worker_snapshot(client: TorchServeClient, model: str, version: str) -> dict[str, dict[str, Any]]:
+    """The version's workers by id: the process behind each, when it started, and its status."""
+    return {
+        str(w.get("id")): {"pid": w.get("pid"), "start_time": w.get("startTime"), "status": w.get("status")}
+        for d in client.describe(model, version)
+        for w in d.get("workers", [])
+    }
+
+
+def worker_health(version: str, before: Mapping[str, Mapping[str, Any]], after: Mapping[str, Mapping[str, Any]]) -> Any:
+    """What happened to ``version``'s workers between two snapshots: a changed process or start
+    time, or a worker gone, is a restart; a worker not READY at the end is counted too."""
+    from ml_release.analysis.judge import WorkerHealth
+
+    restarted = sorted(
+        wid
+        for wid, w in before.items()
+        if wid not in after or (after[wid]["pid"], after[wid]["start_time"]) != (w["pid"], w["start_time"])
+    )
+    not_ready = sorted(wid for wid, w in after.items() if w["status"] != READY)
+    return WorkerHealth(
+        version=version,
+        workers=sum(1 for w in before.values() if w["status"] == READY),
+        restarts=len(restarted),
+        not_ready=len(not_ready),
+        details={"before": dict(before), "after": dict(after), "restarted": restarted, "not_ready": not_ready},
+    )
 
 
 def _paired_replay(config: TorchServeConfig, spec: ReleaseSpec, canary: str, stable: str, rows: Any) -> Any:
@@ -621,22 +654,45 @@ def analyze_canary(
         assert production_version is not None
         return _paired_replay(config, spec, candidate.version, production_version, rows)
 
+    client = TorchServeClient(config)
+
+    def snapshot() -> dict[str, Any]:
+        assert production_version is not None
+        return {
+            "canary": worker_snapshot(client, model, candidate.version),
+            "stable": worker_snapshot(client, model, production_version),
+        }
+
     router.configure(model, production_version, candidate.version)
     started = time.monotonic()
     index, attempt, replay_offset = 0, 0, 0
     decision: Any = None
+    first_canary_request: float | None = None  # epoch seconds
     while True:
         step = canary_spec.steps[index]
+        before = judge.collect("health", snapshot)
         effective = set_weight(step.weight, f"step {index}")
         step_started = _now()
         traffic = None
         if rate > 0 and step.requests > 0 and texts:
+            traffic_started = time.time()
             traffic = judge.collect("traffic", functools.partial(send_traffic, step.requests))
+            if first_canary_request is None and not isinstance(traffic, judge.ProviderError):
+                sent = [s.sent_s for s in traffic.samples if s.served_by == candidate.version]
+                if sent:
+                    first_canary_request = traffic_started + min(sent)
         rows = frame.iloc[replay_offset : replay_offset + step.replay_rows]
         replay_offset = (replay_offset + step.replay_rows) % max(len(frame), 1)
         replay = judge.collect("replay", functools.partial(replay_labelled, rows)) if len(rows) else None
-        errors = tuple(x for x in (traffic, replay) if isinstance(x, judge.ProviderError))
-        served: dict[str, int] = {"canary": 0, "stable": 0, "unattributed": 0}
+        after = judge.collect("health", snapshot)
+        canary_health = stable_health = None
+        health_error = next((x for x in (before, after) if isinstance(x, judge.ProviderError)), None)
+        if health_error is None:
+            assert isinstance(before, dict) and isinstance(after, dict)
+            canary_health = worker_health(candidate.version, before["canary"], after["canary"])
+            stable_health = worker_health(production_version, before["stable"], after["stable"])
+        errors = tuple(x for x in (traffic, replay, health_error) if isinstance(x, judge.ProviderError))
+        served = {"canary": 0, "stable": 0, "unattributed": 0, "canary_errors": 0, "stable_errors": 0}
         canary_samples = stable_samples = None
         unattributed: tuple[int, ...] = ()
         if traffic is not None and not isinstance(traffic, judge.ProviderError):
@@ -647,6 +703,8 @@ def analyze_canary(
                 "canary": canary_samples.requests,
                 "stable": stable_samples.requests,
                 "unattributed": len(unattributed),
+                "canary_errors": canary_samples.errors,
+                "stable_errors": stable_samples.errors,
             }
         measurements = judge.StepMeasurements(
             step=index,
@@ -656,6 +714,8 @@ def analyze_canary(
             replay=None if replay is None or isinstance(replay, judge.ProviderError) else replay,
             unattributed_statuses=unattributed,
             errors=errors,
+            canary_health=canary_health,
+            stable_health=stable_health,
         )
         verdict = judge.assess(measurements, policy)
         verdicts.append(verdict)
@@ -690,8 +750,19 @@ def analyze_canary(
         else:
             attempt += 1
     passed = decision.action is judge.Action.PROMOTE
+    exposure: dict[str, Any] = {
+        "canary_requests": sum(s["served"]["canary"] for s in steps),
+        "canary_errors": sum(s["served"]["canary_errors"] for s in steps),
+        "stable_errors": sum(s["served"]["stable_errors"] for s in steps),
+        "first_canary_request_at": _iso(first_canary_request) if first_canary_request else None,
+    }
     if not passed:
         set_weight(0, f"rollback: {decision.reason}")
+        zero_at = time.time()
+        exposure["weight_zero_at"] = _iso(zero_at)
+        exposure["first_request_to_weight_zero_s"] = (
+            round(zero_at - first_canary_request, 3) if first_canary_request else None
+        )
     return {
         "passed": passed,
         "mode": "progressive",
@@ -701,4 +772,5 @@ def analyze_canary(
         "weight_timeline": timeline,
         "traffic_rate_per_s": rate,
         "max_weight": canary_spec.max_weight,
+        "exposure": exposure,
     }

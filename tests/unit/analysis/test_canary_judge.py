@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,11 +19,13 @@ from ml_release.analysis.judge import (
     StepMeasurements,
     StepVerdict,
     VersionSamples,
+    WorkerHealth,
     assess,
     collect,
     decide_rollout,
     default_policy,
 )
+from ml_release.config import ReleaseSpec
 from ml_release.errors import SpecError
 
 pytestmark = pytest.mark.unit
@@ -70,6 +73,8 @@ def good_step(seed: int, step: int = 0, **canary: Any) -> StepMeasurements:
         canary=version(rng, "v2", 1500, **canary),
         stable=version(rng, "v1", 4500),
         replay=replay(rng, 400, canary_acc=acc),
+        canary_health=WorkerHealth("v2", workers=1),
+        stable_health=WorkerHealth("v1", workers=1),
     )
 
 
@@ -115,6 +120,7 @@ def test_a_bad_canary_fails_the_metric_that_shows_it(change: dict[str, Any], fai
     bad = metric(verdict, failing)
     assert bad.phase is Phase.FAIL
     assert bad.message.startswith("Halt advancement: ") and message in bad.message
+    assert bad.threshold is not None or bad.max_regression is not None  # the record names the limit
     assert failing in {m.metric for m in verdict.failed()}
 
 
@@ -141,6 +147,34 @@ def test_latency_shift_below_the_effect_floor_passes() -> None:
 def test_unattributed_failures_fail_closed() -> None:
     step = dataclasses.replace(good_step(6), unattributed_statuses=(502,) * 100)
     assert metric(assess(step, POLICY), "unattributed_errors").phase is Phase.FAIL
+
+
+def test_zero_tolerance_metrics_report_their_implicit_limit_of_zero() -> None:
+    policy = dataclasses.replace(POLICY, metrics=(MetricPolicy("nan", "non_finite"),))
+    m = metric(assess(good_step(13, non_finite=2), policy), "nan")
+    assert m.phase is Phase.FAIL and m.threshold == 0.0 and m.value == 2.0
+
+
+@pytest.mark.parametrize(
+    ("health", "figure"),
+    [(WorkerHealth("v2", workers=1, restarts=1), "restarted 1 time(s)"),
+     (WorkerHealth("v2", workers=1, not_ready=1), "1 not READY")],
+    ids=["killed-and-restarted", "down-at-the-end"],
+)  # fmt: skip
+def test_a_canary_worker_that_died_mid_step_fails_without_a_sample_minimum(health: WorkerHealth, figure: str) -> None:
+    """One dropped request cannot move the error rate; the restart itself is the evidence."""
+    verdict = assess(dataclasses.replace(good_step(11), canary_health=health), POLICY)
+    m = metric(verdict, "worker_restarts")
+    assert m.phase is Phase.FAIL and figure in m.message and "> 0" in m.message
+    assert m.value == 1.0 and m.threshold == 0
+    assert verdict.phase is Phase.FAIL
+    assert metric(verdict, "error_rate").phase is Phase.PASS
+
+
+def test_a_stable_restart_is_recorded_but_does_not_fail_the_canary() -> None:
+    step = dataclasses.replace(good_step(12), stable_health=WorkerHealth("v1", workers=1, restarts=1))
+    m = metric(assess(step, POLICY), "worker_restarts")
+    assert m.phase is Phase.PASS and m.stable_value == 1.0
 
 
 def nan_latency(step: StepMeasurements) -> StepMeasurements:
@@ -173,9 +207,12 @@ def tiny(step: StepMeasurements) -> StepMeasurements:
         (tiny, "accuracy", "10 labelled rows < 200"),
         (tiny, "prediction_shift", "too few samples"),
         (nan_latency, "latency_p99", "non-finite"),
+        (lambda s: dataclasses.replace(s, canary_health=None), "worker_restarts", "workers were not read"),
+        (lambda s: dataclasses.replace(s, canary_health=WorkerHealth("v2", workers=0)), "worker_restarts",
+         "no READY worker"),
     ],
     ids=["no-canary", "empty-canary-latency", "empty-canary-errors", "empty-canary-scores", "no-replay",
-         "no-stable", "tiny-p99", "tiny-replay", "tiny-psi", "nan-latency"],
+         "no-stable", "tiny-p99", "tiny-replay", "tiny-psi", "nan-latency", "no-health", "no-ready-worker"],
 )  # fmt: skip
 def test_missing_tiny_or_nan_evidence_is_inconclusive_never_pass(mutate: Any, metric_name: str, why: str) -> None:
     verdict = assess(mutate(good_step(7)), POLICY)
@@ -205,6 +242,14 @@ def test_a_provider_error_is_an_error_verdict_for_the_metrics_it_feeds() -> None
     assert "replay measurement failed: connection refused" in metric(verdict, "accuracy").message
     assert metric(verdict, "latency_p99").phase is Phase.PASS
     assert verdict.phase is Phase.ERROR
+
+
+def test_a_health_read_that_failed_is_an_error_not_a_pass() -> None:
+    step = dataclasses.replace(
+        good_step(8), canary_health=None, errors=(ProviderError("health", "management API timed out"),)
+    )
+    m = metric(assess(step, POLICY), "worker_restarts")
+    assert m.phase is Phase.ERROR and "health measurement failed" in m.message
 
 
 def test_collect_turns_a_raising_provider_into_a_provider_error() -> None:
@@ -278,6 +323,55 @@ def test_no_false_rollback_in_ten_judge_runs_on_a_good_candidate() -> None:
         verdicts = [assess(good_step(1000 + 10 * run + s, step=s), POLICY) for s in range(steps)]
         assert all(v.phase is Phase.PASS for v in verdicts), [v.message for v in verdicts]
         assert decide_rollout(verdicts, POLICY, total_steps=steps).action is Action.PROMOTE
+
+
+def test_measurements_round_trip_through_a_record() -> None:
+    step = dataclasses.replace(good_step(21), unattributed_statuses=(502,), errors=(ProviderError("replay", "x"),))
+    again = StepMeasurements.from_dict(json.loads(json.dumps(step.to_dict(), allow_nan=False)))
+    assert again == step
+    assert assess(again, POLICY).to_dict() == assess(step, POLICY).to_dict()
+
+
+RECORDED = Path(__file__).parent / "data" / "recorded_good_canary.json"
+
+
+def bootstrap(step: StepMeasurements, rng: np.random.Generator) -> StepMeasurements:
+    """The same step drawn again: requests, labels and replay rows resampled with replacement."""
+
+    def samples(v: VersionSamples | None) -> VersionSamples | None:
+        if v is None:
+            return None
+        i = rng.integers(0, v.requests, v.requests)
+        j = rng.integers(0, len(v.predicted_labels), len(v.predicted_labels))
+        return dataclasses.replace(
+            v,
+            latencies_ms=tuple(v.latencies_ms[k] for k in i),
+            statuses=tuple(v.statuses[k] for k in i),
+            predicted_labels=tuple(v.predicted_labels[k] for k in j),
+        )
+
+    r = step.replay
+    if r is not None:
+        k = rng.integers(0, len(r.truth), len(r.truth))
+        r = LabelledReplay(
+            tuple(r.truth[x] for x in k), tuple(r.canary[x] for x in k), tuple(r.stable[x] for x in k), r.labels
+        )
+    return dataclasses.replace(step, canary=samples(step.canary), stable=samples(step.stable), replay=r)
+
+
+def test_no_false_rollback_in_ten_judge_runs_on_recorded_measurements() -> None:
+    """Measurements recorded from a real release on the local stack, of a candidate with stable's
+    own weights, judged with the shipped policy: the recording itself, then nine bootstrap redraws."""
+    recorded = json.loads(RECORDED.read_text(encoding="utf-8"))
+    steps = [StepMeasurements.from_dict(m) for m in recorded["steps"]]
+    policy = ReleaseSpec.for_model("sentiment").release.analysis
+    assert [s.weight for s in steps] == [s.weight for s in ReleaseSpec.for_model("sentiment").release.canary.steps]
+    for run in range(10):
+        rng = np.random.default_rng(run)
+        drawn = steps if run == 0 else [bootstrap(s, rng) for s in steps]
+        verdicts = [assess(s, policy) for s in drawn]
+        assert all(v.phase is Phase.PASS for v in verdicts), (run, [v.message for v in verdicts])
+        assert decide_rollout(verdicts, policy, total_steps=len(steps)).action is Action.PROMOTE
 
 
 # -- policy ----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from ml_release.analysis.judge import (
     LabelledReplay,
     StepMeasurements,
     VersionSamples,
+    WorkerHealth,
     assess,
     decide_rollout,
     default_policy,
@@ -23,6 +24,7 @@ from ml_release.reporting.report import render_html, report_files
 pytestmark = pytest.mark.unit
 
 POLICY = default_policy()
+HEALTHY = {"canary_health": WorkerHealth("2", workers=1), "stable_health": WorkerHealth("1", workers=1)}
 LABELS = ("negative", "positive")
 HOSTILE = "<script>alert(1)</script>"
 VOID = {"meta", "br", "line", "circle", "rect", "polyline", "img", "hr", "input", "link"}
@@ -107,8 +109,10 @@ def full_record(*, n: int = 1200) -> dict[str, Any]:
     good = LabelledReplay(TRUTH, STABLE_ANSWERS, STABLE_ANSWERS, LABELS)
     bad = LabelledReplay(TRUTH, CANARY_ANSWERS, STABLE_ANSWERS, LABELS)
     measurements = [
-        StepMeasurements(0, 5.0, samples(rng, "2", n), samples(rng, "1", n), good),
-        StepMeasurements(1, 25.0, samples(rng, "2", n, extra_ms=400.0, errors=40), samples(rng, "1", n), bad),
+        StepMeasurements(0, 5.0, samples(rng, "2", n), samples(rng, "1", n), good, **HEALTHY),
+        StepMeasurements(
+            1, 25.0, samples(rng, "2", n, extra_ms=400.0, errors=40), samples(rng, "1", n), bad, **HEALTHY
+        ),
     ]
     verdicts = [assess(m, POLICY) for m in measurements]
     decision = decide_rollout(verdicts, POLICY, total_steps=4, elapsed_s=130.0)
