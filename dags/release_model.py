@@ -69,10 +69,10 @@ with DAG(
         return tasks.check_accuracy(context, candidate, preflight_result)
 
     @task(retries=0)
-    def check_load(candidate, **context):
+    def check_load(candidate, preflight_result, **context):
         from ml_release.airflow import tasks
 
-        return tasks.check_load(context, candidate)
+        return tasks.check_load(context, candidate, preflight_result)
 
     @task(retries=0)
     def analyze_canary(candidate, preflight_result, **context):
@@ -100,7 +100,7 @@ with DAG(
     candidate >> preflight_result >> deployed
     gate = pretraffic_gate(candidate)
     accuracy = check_accuracy(candidate, preflight_result)
-    load = check_load(candidate)
+    load = check_load(candidate, preflight_result)
     deployed >> gate >> accuracy >> load
     decision = decide(candidate)
     load >> analyze_canary(candidate, preflight_result) >> decision

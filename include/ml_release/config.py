@@ -277,6 +277,10 @@ class AccuracyCheckSpec:
     max_regression: float
 
 
+PretrafficCheck = Literal["accuracy", "load"]
+PRETRAFFIC_CHECKS: tuple[PretrafficCheck, ...] = ("accuracy", "load")
+
+
 @dataclasses.dataclass(frozen=True)
 class CanaryStep:
     weight: float  # percent of production traffic the canary receives during this step
@@ -310,10 +314,18 @@ class ReleaseChecksSpec:
     golden_texts: tuple[str, ...]
     pretraffic_latency_budget_ms: float
     ready_timeout_s: float
+    # Checks on the candidate's own URL before it gets production traffic. The READY + golden gate
+    # (G19) always runs; leaving one of these out lets the progressive canary alone judge that
+    # aspect on production traffic, which needs a stable model: a first release runs them all.
+    pretraffic_checks: tuple[PretrafficCheck, ...]
     accuracy: AccuracyCheckSpec
     load: LoadCheckSpec
     canary: CanarySpec
     analysis: AnalysisPolicy
+
+    def __post_init__(self) -> None:
+        if len(set(self.pretraffic_checks)) != len(self.pretraffic_checks):
+            raise SpecError(f"release.pretraffic_checks: {list(self.pretraffic_checks)} names a check twice")
 
 
 @dataclasses.dataclass(frozen=True)

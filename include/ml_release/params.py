@@ -91,6 +91,15 @@ RELEASE_MODEL: dict[str, dict[str, Any]] = {
         "description": "Override: requests/s the pipeline sends through the production URL in each canary step "
         "(0: judge live traffic only). Empty: the spec's release.canary.traffic_rate_per_s.",
     },
+    "pretraffic_checks": {
+        "default": None,
+        "type": ["null", "array"],
+        "items": {"enum": ["accuracy", "load"]},
+        "uniqueItems": True,
+        "description": "Override: which checks run on the candidate's own URL before it gets production traffic "
+        "([] leaves the judging to the progressive canary; a first release runs them all). "
+        "Empty: the spec's release.pretraffic_checks.",
+    },
 }
 
 ROLLBACK_MODEL: dict[str, dict[str, Any]] = {

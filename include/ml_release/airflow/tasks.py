@@ -369,33 +369,70 @@ def pretraffic_gate(context: Mapping[str, Any], candidate: Mapping[str, Any]) ->
     )
 
 
+def _pretraffic(
+    ctx: Ctx, name: str, production_version: str | None, run: Callable[[Ctx], dict[str, Any]]
+) -> dict[str, Any]:
+    """Run a pre-traffic check unless this release leaves it to the progressive canary.
+
+    Only a release with a stable model to compare against may leave one out: on a first release
+    the pre-traffic checks are the only evidence there is, and no evidence never passes (G21).
+    """
+    chosen = ctx.params.get("pretraffic_checks")
+    enabled = ctx.spec.release.pretraffic_checks if chosen is None else tuple(chosen)
+    check = name.removeprefix("check_")
+    if check in enabled:
+        return run(ctx)
+    if production_version is None:
+        return {
+            "passed": False,
+            "skipped": True,
+            "reason": f"pretraffic_checks {list(enabled)} leaves out {check}, but this is a first release: "
+            "with no stable model there is no canary analysis to judge it instead",
+        }
+    return {
+        "passed": True,
+        "skipped": True,
+        "reason": f"{check} not checked before traffic (pretraffic_checks {list(enabled)}): "
+        "the progressive canary judges it against stable",
+    }
+
+
 @fail_fast_on_verdicts
 def check_accuracy(
     context: Mapping[str, Any], candidate: Mapping[str, Any], preflight_result: Mapping[str, Any]
 ) -> dict[str, Any]:
     from ml_release.pipeline import release
 
+    production = preflight_result.get("production_version")
     return _run_check(
         context,
         "check_accuracy",
-        lambda ctx: release.check_accuracy(
-            ctx.store,
-            ctx.torchserve.get_config(),
-            ctx.spec,
-            _candidate(ctx, candidate),
-            preflight_result.get("production_version"),
+        lambda ctx: _pretraffic(
+            ctx,
+            "check_accuracy",
+            production,
+            lambda c: release.check_accuracy(
+                c.store, c.torchserve.get_config(), c.spec, _candidate(c, candidate), production
+            ),
         ),
     )
 
 
 @fail_fast_on_verdicts
-def check_load(context: Mapping[str, Any], candidate: Mapping[str, Any]) -> dict[str, Any]:
+def check_load(
+    context: Mapping[str, Any], candidate: Mapping[str, Any], preflight_result: Mapping[str, Any]
+) -> dict[str, Any]:
     from ml_release.pipeline import release
 
     return _run_check(
         context,
         "check_load",
-        lambda ctx: release.check_load(ctx.store, ctx.torchserve.get_config(), ctx.spec, _candidate(ctx, candidate)),
+        lambda ctx: _pretraffic(
+            ctx,
+            "check_load",
+            preflight_result.get("production_version"),
+            lambda c: release.check_load(c.store, c.torchserve.get_config(), c.spec, _candidate(c, candidate)),
+        ),
     )
 
 
@@ -466,6 +503,11 @@ def decide(context: Mapping[str, Any], candidate_data: Mapping[str, Any] | None)
             record = ctx.store.get_json(record_uri)
     log.info("release record: %s", record_uri)
     log.info("release report: %s", record.get("report_uri"))
+    if record.get("report_uri"):
+        from ml_release.airflow.links import REPORT_XCOM_KEY
+
+        # Pushed before a rollback fails the task, so the UI's "Release report" link works for both.
+        context["ti"].xcom_push(key=REPORT_XCOM_KEY, value=record["report_uri"])
     log.info("decision: %s — %s", record["decision"], record["reason"])
     if record["decision"] != "promoted":
         raise AirflowFailException(f"rolled back: {record['reason']} (record: {record_uri})")
