@@ -70,6 +70,11 @@ class AirflowClient:
         data = self._call("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")
         return list(data["task_instances"])
 
+    def extra_links(self, dag_id: str, run_id: str, task_id: str) -> dict[str, str | None]:
+        """The task's extra links (name -> URL), as the UI shows them."""
+        data = self._call("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/links")
+        return dict(data["extra_links"])
+
     def wait_for_run(
         self,
         dag_id: str,

@@ -203,6 +203,18 @@ class ObjectStore:
     def put_file(self, uri: str, path: Path, **kwargs: Any) -> str:
         return self.put(uri, path.read_bytes(), **kwargs)
 
+    def presigned_get_url(self, uri: str, expires_s: int = 3600) -> str:
+        """A time-limited HTTPS (or, locally, HTTP) URL that GETs one object without credentials.
+
+        Computed locally from the configured keys: no request is made, and no key is in the URL.
+        """
+        bucket, key = parse_s3_uri(uri)
+        return str(
+            self._client.generate_presigned_url(
+                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=int(expires_s)
+            )
+        )
+
     def delete(self, uri: str) -> None:
         bucket, key = parse_s3_uri(uri)
         try:

@@ -70,3 +70,17 @@ def test_every_param_has_a_json_schema_type(dagbag, dag_id: str) -> None:  # typ
     assert set(dag.params.keys()) == set(DAG_PARAMS[dag_id])
     for key in dag.params:
         assert "type" in dag.params.get_param(key).schema, key
+
+
+def test_the_plugin_adds_a_release_report_link_that_stays_off_other_dags() -> None:
+    import types
+
+    sys.path.insert(0, str(ROOT / "plugins"))
+    try:
+        from ml_release_plugin import MLReleasePlugin
+    finally:
+        sys.path.remove(str(ROOT / "plugins"))
+    (link,) = MLReleasePlugin.global_operator_extra_links
+    assert link.name == "Release report"
+    other = types.SimpleNamespace(dag_id="train_model", task_id="train", run_id="r1", map_index=-1)
+    assert link.get_link(None, ti_key=other) == ""  # decided without touching the database

@@ -73,3 +73,15 @@ def test_listing_the_bucket_root_lists_every_object(object_store, bucket: str) -
     object_store.put(f"s3://{bucket}/c.json", b"{}")
     assert set(object_store.list_keys(f"s3://{bucket}/")) == {f"s3://{bucket}/a/b.json", f"s3://{bucket}/c.json"}
     assert list(object_store.list_keys(f"s3://{bucket}/a/")) == [f"s3://{bucket}/a/b.json"]
+
+
+def test_a_presigned_url_gets_the_object_without_credentials(object_store, bucket: str) -> None:  # type: ignore[no-untyped-def]
+    import requests
+
+    uri = f"s3://{bucket}/reports/r1/report.html"
+    object_store.put(uri, b"<html>report</html>", content_type="text/html; charset=utf-8")
+    url = object_store.presigned_get_url(uri, expires_s=60)
+    assert url.startswith("http") and "Signature" in url
+    page = requests.get(url, timeout=10)  # a bare GET: no auth header, no boto3
+    assert page.status_code == 200 and page.content == b"<html>report</html>"
+    assert page.headers["Content-Type"].startswith("text/html")
