@@ -14,9 +14,17 @@ Two variants, rendered from :class:`K8sServingParams`:
 Each Deployment serves one version, loaded at start (``--models <model>=<file>.mar``) from a file an
 init container copies out of the bucket with credentials from a Secret (``envFrom``, never values
 in the pod spec, G30). So ``/predictions/<model>`` on a pod is that pod's version and the route
-needs no path rewrite. The management API stays pod-local (the image's ``config.properties``,
-G29); the Services expose the inference port only. Deployment selectors name the track
-(``stable``/``canary``), never the version, because a selector is immutable.
+needs no path rewrite. Deployment selectors name the track (``stable``/``canary``), never the
+version, because a selector is immutable.
+
+Access (G29). TorchServe's token authorization draws random keys in each pod at start and cannot
+be given keys, so a Gateway in front of several replicas has no token to send. On Kubernetes the
+image (``docker/torchserve/config.properties``) therefore runs with token authorization off and
+makes up for it: the management API listens on 127.0.0.1 in the pod only, the model API is off
+(the pod loads its one version at start; nothing can register another), the Services expose the
+inference port only, and a NetworkPolicy admits the inference port from the Gateway's namespace
+only (and the metrics port from the monitoring namespace). Callers authenticate at the Gateway.
+The local stack, where one TorchServe serves both versions, keeps token authorization on.
 
 Weights change by a JSON patch through the Kubernetes API: :func:`httproute_weight_patch` and
 :func:`ingress_canary_weight_patch` build it (with ``test`` operations, so a patch that would hit the
@@ -78,6 +86,7 @@ class K8sServingParams:
     canary_replicas: int = 1
     cpu: str = "2"
     memory: str = "4Gi"
+    monitoring_namespace: str | None = "monitoring"  # may scrape the metrics port; None: nobody
 
     def __post_init__(self) -> None:
         check_model_name(self.model)
@@ -121,12 +130,10 @@ def render_deployment(params: K8sServingParams, track: str) -> dict[str, Any]:
     source = f"{params.archive_prefix.rstrip('/')}/{mar}"
     resources = {"cpu": params.cpu, "memory": params.memory}
     # Model readiness, not liveness: /ping is Healthy before the model loads. The management API
-    # is pod-local and token-protected, so the probe reads the key file TorchServe wrote.
+    # listens on the pod's loopback only, where the probe (run inside the container) reaches it.
     ready_script = (
         "import json,urllib.request as u;"
-        "k=json.load(open('/home/model-server/key_file.json'))['management']['key'];"
-        f"r=u.Request('http://127.0.0.1:8081/models/{params.model}',headers={{'Authorization':'Bearer '+k}});"
-        "d=json.load(u.urlopen(r,timeout=3));"
+        f"d=json.load(u.urlopen('http://127.0.0.1:8081/models/{params.model}',timeout=3));"
         "assert any(w['status']=='READY' for m in d for w in m['workers'])"
     )
     return {
@@ -213,6 +220,38 @@ def render_service(params: K8sServingParams, track: str) -> dict[str, Any]:
             "type": "ClusterIP",
             "selector": _selector(params, track),
             "ports": [{"name": "http", "port": INFERENCE_PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def render_network_policy(params: K8sServingParams) -> dict[str, Any]:
+    """Both tracks' pods: inference from the Gateway's namespace only, metrics from monitoring only."""
+    gateway_ns = params.gateway_namespace or params.namespace
+
+    def peer(namespace: str) -> dict[str, Any]:
+        return {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}}
+
+    ingress: list[dict[str, Any]] = [
+        {"from": [peer(gateway_ns)], "ports": [{"protocol": "TCP", "port": INFERENCE_PORT}]},
+    ]
+    if params.monitoring_namespace:
+        ingress.append(
+            {"from": [peer(params.monitoring_namespace)], "ports": [{"protocol": "TCP", "port": METRICS_PORT}]}
+        )
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": f"{params.model}-torchserve",
+            "namespace": params.namespace,
+            "labels": {"app.kubernetes.io/instance": params.model, "app.kubernetes.io/part-of": "ml-release"},
+        },
+        "spec": {
+            "podSelector": {
+                "matchLabels": {"app.kubernetes.io/name": "torchserve", "app.kubernetes.io/instance": params.model}
+            },
+            "policyTypes": ["Ingress"],
+            "ingress": ingress,
         },
     }
 
@@ -326,6 +365,7 @@ def render_manifests(params: K8sServingParams, canary_weight: float = 0) -> dict
         "canary.yaml": [render_deployment(params, CANARY), render_service(params, CANARY)],
         "httproute.yaml": [render_httproute(params, canary_weight)],
         "ingress-nginx-canary.yaml": render_ingress_pair(params, canary_weight),
+        "networkpolicy.yaml": [render_network_policy(params)],
     }
 
 
@@ -462,6 +502,7 @@ __all__ = [
     "render_httproute",
     "render_ingress_pair",
     "render_manifests",
+    "render_network_policy",
     "render_service",
     "set_httproute_weights",
     "set_ingress_canary_weight",

@@ -218,6 +218,34 @@ def test_services_expose_only_the_inference_port_and_selectors_name_the_track() 
         assert "env" not in init and init["envFrom"] == [{"secretRef": {"name": "ml-release-s3"}}]
 
 
+def test_pods_take_inference_from_the_gateway_only_and_management_stays_on_loopback() -> None:
+    """Token auth is off in the pod (its keys are random per pod); these make up for it (G29)."""
+    import dataclasses
+
+    props = dict(
+        line.split("=", 1)
+        for line in (MANIFEST_DIR.parents[2] / "docker" / "torchserve" / "config.properties").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    assert props["management_address"] == "http://127.0.0.1:8081"
+    assert props["enable_model_api"] == "false" and props["disable_token_authorization"] == "true"
+    assert props["enable_envvars_config"] == "false"  # nothing in the pod's env can turn them back
+
+    params = dataclasses.replace(EXAMPLE, gateway_namespace="gateways")
+    (policy,) = render_manifests(params)["networkpolicy.yaml"]
+    pods = policy["spec"]["podSelector"]["matchLabels"]
+    for track in ("stable", "canary"):
+        labels = render_manifests(params)[f"{track}.yaml"][0]["spec"]["template"]["metadata"]["labels"]
+        assert pods.items() <= labels.items()  # the policy covers both tracks' pods
+    rules = {r["ports"][0]["port"]: r["from"] for r in policy["spec"]["ingress"]}
+    assert set(rules) == {8080, 8082}  # 8081 (management) is admitted from nowhere
+    assert rules[8080] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateways"}}}]
+    no_metrics = render_manifests(dataclasses.replace(params, monitoring_namespace=None))["networkpolicy.yaml"][0]
+    assert [r["ports"][0]["port"] for r in no_metrics["spec"]["ingress"]] == [8080]
+    probe = render_manifests(params)["stable.yaml"][0]["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+    assert "127.0.0.1:8081/models/sentiment" in probe["exec"]["command"][-1]
+
+
 def test_the_canary_ingress_carries_the_weight_and_the_main_one_does_not() -> None:
     main, canary = render_ingress_pair(EXAMPLE, 5)
     assert "annotations" not in main["metadata"]
