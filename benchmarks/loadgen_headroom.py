@@ -176,6 +176,7 @@ def torchserve_saturated_rate(seconds: float) -> float:
         settings = LocalTorchServeSettings(
             home=base / "home", model_store=base / "store", log_dir=base / "logs",
             inference_port=free_port(), management_port=free_port(), metrics_port=free_port(),
+            grpc_inference_port=free_port(), grpc_management_port=free_port(),  # beside a running stack
         )  # fmt: skip
         config = local.start(settings, timeout_s=180)
         try:

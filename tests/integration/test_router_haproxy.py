@@ -224,3 +224,44 @@ def test_a_restarted_router_comes_back_with_the_last_weight(
         assert post(session, router, f"/predictions/{versions}").status_code == 200
     finally:
         router.set_canary_weight(0)
+
+
+def test_route_changes_under_live_traffic_drop_no_request(
+    router: LocalRouter, versions: str, torchserve: LocalTorchServe
+) -> None:
+    """Promotion and rollback reload the proxy while production traffic flows; in master-worker
+    mode the new worker takes the listening socket over, so no new connection is refused or reset."""
+    import threading
+
+    headers = {"Authorization": f"Bearer {torchserve.config.inference_token}", "Connection": "close"}
+    url = f"{router.settings.url}/predictions/{versions}"
+    outcomes: list[str] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                resp = requests.post(url, json={"text": "I love this car"}, headers=headers, timeout=30)
+                outcomes.append(str(resp.status_code) if BACKEND_HEADER in resp.headers else f"{resp.status_code}?")
+            except requests.RequestException as exc:
+                outcomes.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+
+    def ten_more(what: str) -> None:
+        target = len(outcomes) + 10
+        wait_until(lambda: len(outcomes) >= target, 60, what)
+
+    try:
+        for canary in ("v2", None, "v2", None, "v2", None, "v2", None):
+            ten_more("traffic between reloads")
+            router.configure(versions, "v1", canary)
+        ten_more("traffic after the last reload")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    failed = [o for o in outcomes if o != "200"]
+    assert len(outcomes) >= 90 and not failed, f"{len(failed)} of {len(outcomes)} failed: {sorted(set(failed))}"
