@@ -27,8 +27,22 @@ def test_shipped_spec_loads_with_its_demo_profile() -> None:
         ("  backend: local", "  backend: slurm", "training.backend: 'slurm' is not one of"),
         ("  profile: demo", "  profile: tiny", "training.profile: 'tiny' is not one of"),
         ("  min_rows: 1000", "  min_rows: 0", "data.min_rows: must be >= 1"),
+        (
+            "  pretraffic_checks: [accuracy, load]",
+            "  pretraffic_checks: [accuracy, lod]",
+            "release.pretraffic_checks.1.: 'lod' is not one of",
+        ),
+        ("  pretraffic_checks: [accuracy, load]", "  pretraffic_checks: [load, load]", "names a check twice"),
     ],
-    ids=["unknown-key", "wrong-type", "bad-enum", "unknown-profile", "zero-row-floor"],
+    ids=[
+        "unknown-key",
+        "wrong-type",
+        "bad-enum",
+        "unknown-profile",
+        "zero-row-floor",
+        "unknown-pretraffic-check",
+        "repeated-pretraffic-check",
+    ],
 )
 def test_bad_spec_is_refused_naming_the_key(tmp_path: Path, old: str, new: str, message: str) -> None:
     text = SPEC.read_text()

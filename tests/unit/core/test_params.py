@@ -25,6 +25,8 @@ pytestmark = pytest.mark.unit
         ("release_model", {"archive_uri": "s3://ml-release/m.mar"}, "conf.eval_dataset_uri: required"),
         ("release_model", {"model_version": "../x"}, "conf.model_version"),
         ("rollback_model", {"reason": ""}, "conf.reason"),
+        ("release_model", {"pretraffic_checks": ["lod"]}, "conf.pretraffic_checks"),
+        ("release_model", {"pretraffic_checks": ["load", "load"]}, "conf.pretraffic_checks"),
     ],
     ids=[
         "unknown-key",
@@ -37,6 +39,8 @@ pytestmark = pytest.mark.unit
         "archive-without-eval-set",
         "version-traversal",
         "empty-reason",
+        "unknown-pretraffic-check",
+        "repeated-pretraffic-check",
     ],
 )
 def test_conf_errors_name_the_field(dag_id: str, conf: dict[str, Any], field: str) -> None:
@@ -56,8 +60,9 @@ def test_conf_errors_name_the_field(dag_id: str, conf: dict[str, Any], field: st
         ("release_model", {"model_version": "r0123456789ab"}),
         ("release_model", {"archive_uri": "s3://b-1/m.mar", "eval_dataset_uri": "s3://b-1/test.parquet"}),
         ("rollback_model", {"reason": "p99 regression seen by on-call"}),
+        ("release_model", {"model_version": "r0123456789ab", "pretraffic_checks": []}),
     ],
-    ids=["empty", "none", "dataset-and-override", "version", "archive-with-eval", "rollback"],
+    ids=["empty", "none", "dataset-and-override", "version", "archive-with-eval", "rollback", "canary-only"],
 )
 def test_valid_conf_has_no_errors(dag_id: str, conf: dict[str, Any] | None) -> None:
     assert conf_errors(dag_id, conf) == []
