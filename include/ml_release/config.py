@@ -294,6 +294,7 @@ class CanarySpec:
     max_weight: float  # G20: no step, and no retry of one, ever sets more
     traffic_rate_per_s: float  # held-out texts sent through the production URL; 0 = live traffic only
     request_timeout_s: float
+    looks_per_step: int  # a step's traffic in this many parts; a Fail after any part ends the step early
 
     def __post_init__(self) -> None:
         if not self.steps:
@@ -307,6 +308,8 @@ class CanarySpec:
             raise SpecError("release.canary.steps: requests and replay_rows must be >= 0")
         if self.traffic_rate_per_s < 0:
             raise SpecError("release.canary.traffic_rate_per_s: must be >= 0")
+        if self.looks_per_step < 1:
+            raise SpecError("release.canary.looks_per_step: must be >= 1 (1: judge each step at its end only)")
 
 
 @dataclasses.dataclass(frozen=True)

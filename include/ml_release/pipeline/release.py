@@ -582,6 +582,17 @@ def worker_health(version: str, before: Mapping[str, Mapping[str, Any]], after: 
     )
 
 
+def _split(total: int, parts: int) -> list[int]:
+    """``total`` requests in ``parts`` near-equal, non-empty parts (fewer if there are too few)."""
+    parts = max(1, min(parts, total))
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def _merge_results(first: Any, second: Any) -> Any:
+    """Two consecutive open-loop runs as one step's result (their samples, their summed wall time)."""
+    return dataclasses.replace(first, samples=first.samples + second.samples, wall_s=first.wall_s + second.wall_s)
+
+
 def _paired_replay(config: TorchServeConfig, spec: ReleaseSpec, canary: str, stable: str, rows: Any) -> Any:
     """The same labelled rows through both versions' own URLs, concurrently: same window (G23)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -639,10 +650,10 @@ def analyze_canary(
         timeline.append({"at": _now(), "weight": weight, "effective_weight": effective, "reason": reason})
         return float(effective)
 
-    def send_traffic(count: int) -> Any:
+    def send_traffic(count: int, offset: int) -> Any:
         return run_open_loop(
             f"{router.settings.url}/predictions/{model}",
-            [{"text": t} for t in texts],
+            [{"text": t} for t in texts[offset:] + texts[:offset]],
             rate_per_s=rate,
             count=count,
             headers=headers,
@@ -668,56 +679,86 @@ def analyze_canary(
     index, attempt, replay_offset = 0, 0, 0
     decision: Any = None
     first_canary_request: float | None = None  # epoch seconds
+    text_offset = 0
     while True:
         step = canary_spec.steps[index]
         before = judge.collect("health", snapshot)
         effective = set_weight(step.weight, f"step {index}")
         step_started = _now()
-        traffic = None
+
+        def measure(
+            traffic: Any,
+            replay: Any,
+            failed: Any = None,
+            before: Any = before,
+            weight: float = effective,
+            at: int = index,
+        ) -> Any:
+            """The step's measurements so far: traffic, replay, and the workers now against ``before``."""
+            after = judge.collect("health", snapshot)
+            canary_health = stable_health = None
+            health_error = next((x for x in (before, after) if isinstance(x, judge.ProviderError)), None)
+            if health_error is None:
+                assert isinstance(before, dict) and isinstance(after, dict) and production_version is not None
+                canary_health = worker_health(candidate.version, before["canary"], after["canary"])
+                stable_health = worker_health(production_version, before["stable"], after["stable"])
+            canary_samples = stable_samples = None
+            unattributed: tuple[int, ...] = ()
+            if traffic is not None:
+                canary_samples = _step_samples(traffic, candidate.version)
+                stable_samples = _step_samples(traffic, production_version)
+                unattributed = tuple(s.status for s in traffic.samples if s.served_by is None)
+            return judge.StepMeasurements(
+                step=at,
+                weight=weight,
+                canary=canary_samples,
+                stable=stable_samples,
+                replay=None if replay is None or isinstance(replay, judge.ProviderError) else replay,
+                unattributed_statuses=unattributed,
+                errors=tuple(x for x in (failed, replay, health_error) if isinstance(x, judge.ProviderError)),
+                canary_health=canary_health,
+                stable_health=stable_health,
+            )
+
+        traffic: Any = None  # the parts sent so far, as one result
+        traffic_error = None  # a part that could not be sent or measured: the step's traffic is Error
+        looks = 0
+        interim: Any = None  # (measurements, verdict) of a part that failed the step early
         if rate > 0 and step.requests > 0 and texts:
-            traffic_started = time.time()
-            traffic = judge.collect("traffic", functools.partial(send_traffic, step.requests))
-            if first_canary_request is None and not isinstance(traffic, judge.ProviderError):
-                sent = [s.sent_s for s in traffic.samples if s.served_by == candidate.version]
-                if sent:
-                    first_canary_request = traffic_started + min(sent)
-        rows = frame.iloc[replay_offset : replay_offset + step.replay_rows]
-        replay_offset = (replay_offset + step.replay_rows) % max(len(frame), 1)
-        replay = judge.collect("replay", functools.partial(replay_labelled, rows)) if len(rows) else None
-        after = judge.collect("health", snapshot)
-        canary_health = stable_health = None
-        health_error = next((x for x in (before, after) if isinstance(x, judge.ProviderError)), None)
-        if health_error is None:
-            assert isinstance(before, dict) and isinstance(after, dict)
-            canary_health = worker_health(candidate.version, before["canary"], after["canary"])
-            stable_health = worker_health(production_version, before["stable"], after["stable"])
-        errors = tuple(x for x in (traffic, replay, health_error) if isinstance(x, judge.ProviderError))
-        served = {"canary": 0, "stable": 0, "unattributed": 0, "canary_errors": 0, "stable_errors": 0}
-        canary_samples = stable_samples = None
-        unattributed: tuple[int, ...] = ()
-        if traffic is not None and not isinstance(traffic, judge.ProviderError):
-            canary_samples = _step_samples(traffic, candidate.version)
-            stable_samples = _step_samples(traffic, production_version)
-            unattributed = tuple(s.status for s in traffic.samples if s.served_by is None)
-            served = {
-                "canary": canary_samples.requests,
-                "stable": stable_samples.requests,
-                "unattributed": len(unattributed),
-                "canary_errors": canary_samples.errors,
-                "stable_errors": stable_samples.errors,
-            }
-        measurements = judge.StepMeasurements(
-            step=index,
-            weight=effective,
-            canary=canary_samples,
-            stable=stable_samples,
-            replay=None if replay is None or isinstance(replay, judge.ProviderError) else replay,
-            unattributed_statuses=unattributed,
-            errors=errors,
-            canary_health=canary_health,
-            stable_health=stable_health,
-        )
-        verdict = judge.assess(measurements, policy)
+            # The step's traffic goes out in parts; after each part but the last, the judge looks at
+            # what has been measured so far, and a Fail ends the step at once: evidence of harm does
+            # not wait for the step's end. Pass, Inconclusive and Error wait for the whole step.
+            parts = _split(step.requests, canary_spec.looks_per_step)
+            for looks, count in enumerate(parts, start=1):
+                part_started = time.time()
+                part = judge.collect("traffic", functools.partial(send_traffic, count, text_offset))
+                text_offset = (text_offset + count) % len(texts)
+                if isinstance(part, judge.ProviderError):
+                    traffic_error = part
+                    break
+                traffic = part if traffic is None else _merge_results(traffic, part)
+                sent = [s.sent_s for s in part.samples if s.served_by == candidate.version]
+                if first_canary_request is None and sent:
+                    first_canary_request = part_started + min(sent)
+                if looks < len(parts):
+                    so_far = measure(traffic, None)
+                    look = judge.assess(so_far, policy)
+                    if look.phase is judge.Phase.FAIL:
+                        log.info("canary step %d failed after part %d of %d of its traffic", index, looks, len(parts))
+                        interim = (so_far, look)
+                        break
+        replay = None
+        if interim is None:
+            rows = frame.iloc[replay_offset : replay_offset + step.replay_rows]
+            replay_offset = (replay_offset + step.replay_rows) % max(len(frame), 1)
+            replay = judge.collect("replay", functools.partial(replay_labelled, rows)) if len(rows) else None
+        measurements = interim[0] if interim else measure(traffic, replay, traffic_error)
+        served = {"canary": 0, "stable": 0, "unattributed": len(measurements.unattributed_statuses)}
+        served |= {"canary_errors": 0, "stable_errors": 0}
+        for role, samples in (("canary", measurements.canary), ("stable", measurements.stable)):
+            if samples is not None:
+                served[role], served[f"{role}_errors"] = samples.requests, samples.errors
+        verdict = interim[1] if interim else judge.assess(measurements, policy)
         verdicts.append(verdict)
         decision = judge.decide_rollout(
             verdicts, policy, total_steps=len(canary_spec.steps), elapsed_s=time.monotonic() - started
@@ -739,6 +780,8 @@ def analyze_canary(
                 "started_at": step_started,
                 "ended_at": _now(),
                 "served": served,
+                "looks": looks,
+                "ended_early": interim is not None,
                 "measurements": measurements.to_dict(),
                 "verdict": verdict.to_dict(),
             }

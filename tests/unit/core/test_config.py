@@ -33,6 +33,7 @@ def test_shipped_spec_loads_with_its_demo_profile() -> None:
             "release.pretraffic_checks.1.: 'lod' is not one of",
         ),
         ("  pretraffic_checks: [accuracy, load]", "  pretraffic_checks: [load, load]", "names a check twice"),
+        ("    looks_per_step: 4", "    looks_per_step: 0", "release.canary.looks_per_step: must be >= 1"),
     ],
     ids=[
         "unknown-key",
@@ -42,6 +43,7 @@ def test_shipped_spec_loads_with_its_demo_profile() -> None:
         "zero-row-floor",
         "unknown-pretraffic-check",
         "repeated-pretraffic-check",
+        "no-looks",
     ],
 )
 def test_bad_spec_is_refused_naming_the_key(tmp_path: Path, old: str, new: str, message: str) -> None:
