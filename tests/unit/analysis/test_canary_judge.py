@@ -335,43 +335,67 @@ def test_measurements_round_trip_through_a_record() -> None:
 RECORDED = Path(__file__).parent / "data" / "recorded_good_canary.json"
 
 
-def bootstrap(step: StepMeasurements, rng: np.random.Generator) -> StepMeasurements:
-    """The same step drawn again: requests, labels and replay rows resampled with replacement."""
+def reroute(step: StepMeasurements, rng: np.random.Generator) -> StepMeasurements:
+    """The same step as a repeat run would see it: the recorded production requests, each routed
+    again by a fresh draw at the step's weight (the router's own randomness), and the labelled
+    replay's rows drawn again with replacement (pairs kept)."""
+    assert step.canary is not None and step.stable is not None
+    requests = []
+    for v in (step.canary, step.stable):
+        # Every recorded request succeeded with finite scores, so each has its label.
+        assert v.errors == 0 and v.non_finite_responses == 0 and len(v.predicted_labels) == v.requests
+        requests += list(zip(v.latencies_ms, v.statuses, v.predicted_labels, strict=True))
+    order = rng.permutation(len(requests))
+    to_canary = rng.random(len(requests)) < step.weight / 100
 
-    def samples(v: VersionSamples | None) -> VersionSamples | None:
-        if v is None:
-            return None
-        i = rng.integers(0, v.requests, v.requests)
-        j = rng.integers(0, len(v.predicted_labels), len(v.predicted_labels))
-        return dataclasses.replace(
-            v,
-            latencies_ms=tuple(v.latencies_ms[k] for k in i),
-            statuses=tuple(v.statuses[k] for k in i),
-            predicted_labels=tuple(v.predicted_labels[k] for k in j),
-        )
+    def version(name: str, mine: bool) -> VersionSamples:
+        rows = [requests[i] for i in order if bool(to_canary[i]) == mine]
+        return VersionSamples(name, tuple(r[0] for r in rows), tuple(r[1] for r in rows), tuple(r[2] for r in rows), 0)
 
     r = step.replay
-    if r is not None:
-        k = rng.integers(0, len(r.truth), len(r.truth))
-        r = LabelledReplay(
-            tuple(r.truth[x] for x in k), tuple(r.canary[x] for x in k), tuple(r.stable[x] for x in k), r.labels
-        )
-    return dataclasses.replace(step, canary=samples(step.canary), stable=samples(step.stable), replay=r)
+    assert r is not None
+    k = rng.integers(0, len(r.truth), len(r.truth))
+    replay = LabelledReplay(
+        tuple(r.truth[x] for x in k), tuple(r.canary[x] for x in k), tuple(r.stable[x] for x in k), r.labels
+    )
+    return dataclasses.replace(
+        step, canary=version(step.canary.version, True), stable=version(step.stable.version, False), replay=replay
+    )
 
 
 def test_no_false_rollback_in_ten_judge_runs_on_recorded_measurements() -> None:
     """Measurements recorded from a real release on the local stack, of a candidate with stable's
-    own weights, judged with the shipped policy: the recording itself, then nine bootstrap redraws."""
+    own weights, judged with the shipped policy: the recording itself, then nine re-routed repeats,
+    each at the step's end and at every interim look."""
     recorded = json.loads(RECORDED.read_text(encoding="utf-8"))
     steps = [StepMeasurements.from_dict(m) for m in recorded["steps"]]
     policy = ReleaseSpec.for_model("sentiment").release.analysis
     assert [s.weight for s in steps] == [s.weight for s in ReleaseSpec.for_model("sentiment").release.canary.steps]
     for run in range(10):
         rng = np.random.default_rng(run)
-        drawn = steps if run == 0 else [bootstrap(s, rng) for s in steps]
+        drawn = steps if run == 0 else [reroute(s, rng) for s in steps]
         verdicts = [assess(s, policy) for s in drawn]
         assert all(v.phase is Phase.PASS for v in verdicts), (run, [v.message for v in verdicts])
         assert decide_rollout(verdicts, policy, total_steps=len(steps)).action is Action.PROMOTE
+        looks = ReleaseSpec.for_model("sentiment").release.canary.looks_per_step
+        for step in drawn:  # the interim looks inside each step must not fail it either
+            for k in range(1, looks):
+                early = assess(first_part(step, k / looks), policy)
+                assert early.phase is not Phase.FAIL, (run, step.step, k, early.message)
+
+
+def first_part(step: StepMeasurements, share: float) -> StepMeasurements:
+    """What an interim look sees: the first ``share`` of each version's requests, no replay yet."""
+
+    def head(v: VersionSamples | None) -> VersionSamples | None:
+        if v is None:
+            return None
+        n, m = round(v.requests * share), round(len(v.predicted_labels) * share)
+        return dataclasses.replace(
+            v, latencies_ms=v.latencies_ms[:n], statuses=v.statuses[:n], predicted_labels=v.predicted_labels[:m]
+        )
+
+    return dataclasses.replace(step, canary=head(step.canary), stable=head(step.stable), replay=None)
 
 
 # -- policy ----------------------------------------------------------------------------------
