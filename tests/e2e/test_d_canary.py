@@ -214,7 +214,7 @@ def _assert_rolled_back_in_the_first_step(
     assert torchserve.default_version("sentiment") == stable
     assert record["candidate"]["version"] not in torchserve.versions("sentiment")
     assert router.effective_weights() == {"stable": 100.0}  # the canary is out of the route
-    return {**exposure, "failed_metrics": sorted(failing), "looks": step["looks"]}
+    return {**exposure, "failed": [m["message"] for m in failing.values()], "looks": step["looks"]}
 
 
 @pytest.fixture(scope="module")
