@@ -11,6 +11,7 @@ import pytest
 
 from ml_release.config import ReleaseSpec
 from ml_release.naming import run_key
+from tests.support.models import permute_labels
 
 pytestmark = pytest.mark.e2e
 
@@ -50,22 +51,11 @@ def test_demo_release_is_promoted_with_a_complete_record(demo_release: dict[str,
 
 def _worse_archive(store: Any, production: dict[str, Any], tmp: Path) -> Path:
     """Production's own weights with the classifier's label rows permuted: a confident, wrong model."""
-    import torch
-
     from ml_release.packaging.archiver import build_archive
-    from ml_release.training.model import load_classifier
     from ml_release.training.trainer import download_model, read_committed_model
 
     marker = read_committed_model(store, production["training_output_uri"])
-    model_dir = download_model(store, marker, tmp / "model")
-    model, tokenizer, _ = load_classifier(model_dir)
-    perm = torch.tensor([1, 2, 0])
-    with torch.no_grad():
-        model.classifier.weight.copy_(model.classifier.weight[perm])
-        model.classifier.bias.copy_(model.classifier.bias[perm])
-    worse_dir = tmp / "worse"
-    model.save_pretrained(worse_dir)
-    tokenizer.save_pretrained(worse_dir)
+    worse_dir = permute_labels(download_model(store, marker, tmp / "model"), tmp / "worse")
     return build_archive(worse_dir, "sentiment", "worse-1", SPEC.serving, tmp / "out")
 
 

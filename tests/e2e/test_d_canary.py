@@ -24,6 +24,7 @@ from ml_release.config import ReleaseSpec
 from ml_release.naming import run_key
 from ml_release.packaging.registry import ModelRegistry
 from ml_release.serving.router import LocalRouter
+from tests.support import models
 from tests.support.services import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -52,27 +53,12 @@ def _candidate_archive(
         marker = read_committed_model(store, production["training_output_uri"])
         model_dir = download_model(store, marker, Path(tmp) / "model")
         if permute_labels:
-            model_dir = _permuted(model_dir, Path(tmp) / "permuted")
+            model_dir = models.permute_labels(model_dir, Path(tmp) / "permuted")
         version = f"up-{uuid.uuid4().hex[:8]}"  # TorchServe serves an archive under its manifest's version
         mar = build_archive(model_dir, "sentiment", version, SPEC.serving, Path(tmp) / "out", faults=faults)
         uri = f"s3://ml-release/upstream/{uuid.uuid4().hex[:10]}.mar"
         store.put_file(uri, mar, create_only=True)
     return uri
-
-
-def _permuted(model_dir: Path, out: Path) -> Path:
-    import torch
-
-    from ml_release.training.model import load_classifier
-
-    model, tokenizer, _ = load_classifier(model_dir)
-    perm = torch.tensor([1, 2, 0])
-    with torch.no_grad():
-        model.classifier.weight.copy_(model.classifier.weight[perm])
-        model.classifier.bias.copy_(model.classifier.bias[perm])
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def _trigger(airflow: Any, production: dict[str, Any], archive_uri: str, **conf: Any) -> str:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 from ml_release.analysis import stats
+from ml_release.analysis.stats import json_float
 from ml_release.errors import SpecError
 
 MetricKind = Literal[
@@ -65,10 +66,6 @@ class Action(enum.StrEnum):
     HOLD = "hold"  # the step did not pass but is within limits: measure the same step again
     PROMOTE = "promote"
     ROLLBACK = "rollback"
-
-
-def _f(x: float | None) -> float | None:
-    return float(x) if x is not None and math.isfinite(x) else None
 
 
 # -- policy -----------------------------------------------------------------------------------
@@ -213,7 +210,7 @@ class VersionSamples:
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": self.version,
-            "latencies_ms": [_f(x) for x in self.latencies_ms],
+            "latencies_ms": [json_float(x) for x in self.latencies_ms],
             "statuses": list(self.statuses),
             "predicted_labels": list(self.predicted_labels),
             "non_finite_responses": self.non_finite_responses,
@@ -385,13 +382,13 @@ class MetricVerdict:
             "direction": self.direction,
             "phase": str(self.phase),
             "message": self.message,
-            "value": _f(self.value),
-            "stable_value": _f(self.stable_value),
+            "value": json_float(self.value),
+            "stable_value": json_float(self.stable_value),
             "threshold": self.threshold,
             "max_regression": self.max_regression,
             "test": self.test,
-            "p_value": _f(self.p_value),
-            "effect_size": _f(self.effect_size),
+            "p_value": json_float(self.p_value),
+            "effect_size": json_float(self.effect_size),
             "effect_name": self.effect_name,
             "n_canary": self.n_canary,
             "n_stable": self.n_stable,
@@ -401,7 +398,7 @@ class MetricVerdict:
 
 def _plain(x: Any) -> Any:
     if isinstance(x, float):
-        return _f(x)
+        return json_float(x)
     if isinstance(x, Mapping):
         return {str(k): _plain(v) for k, v in x.items()}
     if isinstance(x, list | tuple):

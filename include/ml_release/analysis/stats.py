@@ -44,17 +44,17 @@ class TestResult:
             "test": self.test,
             "sufficient": self.sufficient,
             "reason": self.reason,
-            "statistic": _json_float(self.statistic),
-            "p_value": _json_float(self.p_value),
-            "effect_size": _json_float(self.effect_size),
+            "statistic": json_float(self.statistic),
+            "p_value": json_float(self.p_value),
+            "effect_size": json_float(self.effect_size),
             "effect_name": self.effect_name,
             "n_canary": self.n_canary,
             "n_stable": self.n_stable,
-            "details": {k: _json_float(v) if isinstance(v, float) else v for k, v in self.details.items()},
+            "details": {k: json_float(v) if isinstance(v, float) else v for k, v in self.details.items()},
         }
 
 
-def _json_float(x: float) -> float | None:
+def json_float(x: float | None) -> float | None:
     """JSON has no NaN: missing figures are ``null``."""
     return float(x) if x is not None and math.isfinite(x) else None
 
@@ -244,9 +244,9 @@ class ClassRecall:
         return {
             "label": self.label,
             "support": self.support,
-            "canary": _json_float(self.canary),
-            "stable": _json_float(self.stable),
-            "delta": _json_float(self.delta),
+            "canary": json_float(self.canary),
+            "stable": json_float(self.stable),
+            "delta": json_float(self.delta),
         }
 
 

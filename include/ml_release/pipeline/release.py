@@ -582,6 +582,47 @@ def worker_health(version: str, before: Mapping[str, Mapping[str, Any]], after: 
     )
 
 
+def _step_measurements(
+    step: int,
+    weight: float,
+    canary_version: str,
+    stable_version: str,
+    traffic: Any,
+    replay: Any,
+    traffic_error: Any,
+    *,
+    before: Any,
+    after: Any,
+) -> Any:
+    """One step's measurements for the judge: the production traffic so far (``None`` if none was
+    sent), the labelled replay (or its :class:`ProviderError`), and both versions' workers now
+    (``after``) against the step's start (``before``), either of which may be a ProviderError."""
+    from ml_release.analysis import judge
+
+    canary_health = stable_health = None
+    health_error = next((x for x in (before, after) if isinstance(x, judge.ProviderError)), None)
+    if health_error is None:
+        canary_health = worker_health(canary_version, before["canary"], after["canary"])
+        stable_health = worker_health(stable_version, before["stable"], after["stable"])
+    canary_samples = stable_samples = None
+    unattributed: tuple[int, ...] = ()
+    if traffic is not None:
+        canary_samples = _step_samples(traffic, canary_version)
+        stable_samples = _step_samples(traffic, stable_version)
+        unattributed = tuple(s.status for s in traffic.samples if s.served_by is None)
+    return judge.StepMeasurements(
+        step=step,
+        weight=weight,
+        canary=canary_samples,
+        stable=stable_samples,
+        replay=None if replay is None or isinstance(replay, judge.ProviderError) else replay,
+        unattributed_statuses=unattributed,
+        errors=tuple(x for x in (traffic_error, replay, health_error) if isinstance(x, judge.ProviderError)),
+        canary_health=canary_health,
+        stable_health=stable_health,
+    )
+
+
 def _split(total: int, parts: int) -> list[int]:
     """``total`` requests in ``parts`` near-equal, non-empty parts (fewer if there are too few)."""
     parts = max(1, min(parts, total))
@@ -686,39 +727,10 @@ def analyze_canary(
         effective = set_weight(step.weight, f"step {index}")
         step_started = _now()
 
-        def measure(
-            traffic: Any,
-            replay: Any,
-            failed: Any = None,
-            before: Any = before,
-            weight: float = effective,
-            at: int = index,
-        ) -> Any:
-            """The step's measurements so far: traffic, replay, and the workers now against ``before``."""
-            after = judge.collect("health", snapshot)
-            canary_health = stable_health = None
-            health_error = next((x for x in (before, after) if isinstance(x, judge.ProviderError)), None)
-            if health_error is None:
-                assert isinstance(before, dict) and isinstance(after, dict) and production_version is not None
-                canary_health = worker_health(candidate.version, before["canary"], after["canary"])
-                stable_health = worker_health(production_version, before["stable"], after["stable"])
-            canary_samples = stable_samples = None
-            unattributed: tuple[int, ...] = ()
-            if traffic is not None:
-                canary_samples = _step_samples(traffic, candidate.version)
-                stable_samples = _step_samples(traffic, production_version)
-                unattributed = tuple(s.status for s in traffic.samples if s.served_by is None)
-            return judge.StepMeasurements(
-                step=at,
-                weight=weight,
-                canary=canary_samples,
-                stable=stable_samples,
-                replay=None if replay is None or isinstance(replay, judge.ProviderError) else replay,
-                unattributed_statuses=unattributed,
-                errors=tuple(x for x in (failed, replay, health_error) if isinstance(x, judge.ProviderError)),
-                canary_health=canary_health,
-                stable_health=stable_health,
-            )
+        # What the step has measured so far, with the workers read now against ``before``.
+        measure = functools.partial(
+            _step_measurements, index, effective, candidate.version, production_version, before=before
+        )
 
         traffic: Any = None  # the parts sent so far, as one result
         traffic_error = None  # a part that could not be sent or measured: the step's traffic is Error
@@ -741,7 +753,7 @@ def analyze_canary(
                 if first_canary_request is None and sent:
                     first_canary_request = part_started + min(sent)
                 if looks < len(parts):
-                    so_far = measure(traffic, None)
+                    so_far = measure(traffic, None, None, after=judge.collect("health", snapshot))
                     look = judge.assess(so_far, policy)
                     if look.phase is judge.Phase.FAIL:
                         log.info("canary step %d failed after part %d of %d of its traffic", index, looks, len(parts))
@@ -752,7 +764,10 @@ def analyze_canary(
             rows = frame.iloc[replay_offset : replay_offset + step.replay_rows]
             replay_offset = (replay_offset + step.replay_rows) % max(len(frame), 1)
             replay = judge.collect("replay", functools.partial(replay_labelled, rows)) if len(rows) else None
-        measurements = interim[0] if interim else measure(traffic, replay, traffic_error)
+        if interim:
+            measurements = interim[0]
+        else:
+            measurements = measure(traffic, replay, traffic_error, after=judge.collect("health", snapshot))
         served = {"canary": 0, "stable": 0, "unattributed": len(measurements.unattributed_statuses)}
         served |= {"canary_errors": 0, "stable_errors": 0}
         for role, samples in (("canary", measurements.canary), ("stable", measurements.stable)):
