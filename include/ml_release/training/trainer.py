@@ -40,6 +40,10 @@ Exit codes (the Kubernetes backend classifies them for retries, G13):
 * ``3`` bad input data (missing object, unreadable parquet, missing columns, unknown labels, no
   rows): retrying cannot help;
 * ``1`` anything else (storage faults, out of memory, bugs): the caller decides whether to retry.
+
+The process ends with ``os._exit`` once its streams are flushed, so that no library's C++ static
+destructor can turn a finished run into a SIGABRT after the fact (pyarrow's parquet thread pool
+does, now and then: apache/arrow#34314); the exit code is the contract above.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import re
 import sys
 import tempfile
@@ -56,7 +61,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ml_release.config import TrainingProfile, build, to_plain
 from ml_release.errors import (
@@ -845,5 +850,21 @@ def main(argv: Sequence[str] | None = None, store: ObjectStore | None = None) ->
     return EXIT_OK
 
 
+def exit_now(code: int) -> NoReturn:
+    """End the process with ``code``, skipping interpreter teardown (see the module docstring).
+
+    Called when the run is over: the model is committed or the error logged, torch.distributed's
+    group destroyed and temporary folders removed. Only the streams are left to flush.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        exit_code = main()
+    except SystemExit as exc:  # argparse's --help and usage errors
+        exit_code = EXIT_OK if exc.code is None else exc.code if isinstance(exc.code, int) else EXIT_BAD_CONFIG
+    exit_now(exit_code)
