@@ -759,21 +759,19 @@ def analyze_canary(
                         log.info("canary step %d failed after part %d of %d of its traffic", index, looks, len(parts))
                         interim = (so_far, look)
                         break
-        replay = None
-        if interim is None:
+        if interim is not None:
+            measurements, verdict = interim
+        else:
             rows = frame.iloc[replay_offset : replay_offset + step.replay_rows]
             replay_offset = (replay_offset + step.replay_rows) % max(len(frame), 1)
             replay = judge.collect("replay", functools.partial(replay_labelled, rows)) if len(rows) else None
-        if interim:
-            measurements = interim[0]
-        else:
             measurements = measure(traffic, replay, traffic_error, after=judge.collect("health", snapshot))
-        served = {"canary": 0, "stable": 0, "unattributed": len(measurements.unattributed_statuses)}
-        served |= {"canary_errors": 0, "stable_errors": 0}
+            verdict = judge.assess(measurements, policy)
+        served = {"canary": 0, "stable": 0, "canary_errors": 0, "stable_errors": 0}
+        served["unattributed"] = len(measurements.unattributed_statuses)
         for role, samples in (("canary", measurements.canary), ("stable", measurements.stable)):
             if samples is not None:
                 served[role], served[f"{role}_errors"] = samples.requests, samples.errors
-        verdict = interim[1] if interim else judge.assess(measurements, policy)
         verdicts.append(verdict)
         decision = judge.decide_rollout(
             verdicts, policy, total_steps=len(canary_spec.steps), elapsed_s=time.monotonic() - started
