@@ -8,6 +8,7 @@ Ports come from environment variables (see :class:`StackSettings`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -232,28 +233,43 @@ def _spawn(s: StackSettings, name: str, cmd: list[str], env: Mapping[str, str], 
     return proc.pid
 
 
-def _stop(s: StackSettings, name: str, timeout_s: float = 30) -> bool:
-    pid = _alive(s, name)
-    if pid is None:
-        _pidfile(s, name).unlink(missing_ok=True)
-        return False
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+def _group_members(pgid: int) -> list[int]:
+    """The processes of process group ``pgid`` that still run (zombies have stopped already)."""
+    import psutil
+
+    members = []
+    for proc in psutil.process_iter():
         try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.3)
-        else:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                members.append(proc.pid)
+        except (psutil.Error, ProcessLookupError):
             continue
-        break
-    _pidfile(s, name).unlink(missing_ok=True)
-    return True
+    return members
+
+
+def _stop(s: StackSettings, name: str, timeout_s: float = 30) -> bool:
+    """Stop a part and everything it started; return whether any of it was running.
+
+    Each part is spawned as a session leader, so its process group is all of it: SIGTERM to the
+    group, then SIGKILL to whatever is left after ``timeout_s``. The wait is for the whole group,
+    not the leader alone: `airflow standalone` can exit on SIGTERM while a scheduler it started
+    hangs in its own shutdown and would outlive the stack.
+    """
+    path = _pidfile(s, name)
+    if not path.exists():
+        return False
+    pgid = int(path.read_text())
+    running = bool(_group_members(pgid))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not _group_members(pgid):
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, sig)
+        deadline = time.monotonic() + timeout_s
+        while _group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.3)
+    path.unlink(missing_ok=True)
+    return running
 
 
 def _bin(name: str) -> str:
