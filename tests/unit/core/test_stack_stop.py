@@ -16,14 +16,14 @@ from tests.support.services import wait_until
 pytestmark = pytest.mark.unit
 
 # A leader that exits on SIGTERM, and a child of it that ignores SIGTERM: like `airflow standalone`
-# going down while the scheduler it started hangs in its own shutdown.
+# going down while the scheduler it started hangs in its own shutdown. Both block until a signal.
 LEADER = textwrap.dedent(
     """
-    import subprocess, sys, time
+    import signal, subprocess, sys
     subprocess.Popen([sys.executable, "-c",
-        "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-        "open(sys.argv[1], 'w').close(); time.sleep(600)", sys.argv[1]])
-    time.sleep(600)
+        "import signal, sys; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "open(sys.argv[1], 'w').close(); signal.pause()", sys.argv[1]])
+    signal.pause()
     """
 )
 
