@@ -250,7 +250,8 @@ def test_a_canary_whose_worker_is_killed_mid_step_is_rolled_back(
     airflow: Any, store: Any, torchserve: Any, router: LocalRouter, production: dict[str, Any], record_property: Any
 ) -> None:
     """SIGKILL to the canary's TorchServe worker once it has served production traffic: TorchServe
-    restarts it, and the restart alone fails the step even if too few requests failed to show."""
+    restarts it, and the restart alone (or the dead worker not READY, when a look comes first) fails
+    the step even if too few requests failed to show."""
     stable = torchserve.default_version("sentiment")
     archive = _candidate_archive(store, production, None)
     run_id = _trigger(airflow, production, archive, pretraffic_checks=[])
@@ -275,6 +276,9 @@ def test_a_canary_whose_worker_is_killed_mid_step_is_rolled_back(
 
     exposure = _assert_rolled_back_in_the_first_step(result, torchserve, router, stable, ("worker_restarts",))
     health = result["record"]["canary"]["steps"][0]["measurements"]["canary_health"]
-    assert health["restarts"] == len(workers)
+    # Each killed worker is seen either restarted (a new process) or, when the look came before
+    # TorchServe noticed the death, still listed but not READY; the metric counts both.
+    killed = {str(w["id"]) for w in workers}
+    assert killed <= set(health["details"]["restarted"]) | set(health["details"]["not_ready"]), health["details"]
     assert {str(w["pid"]) for w in workers} == {str(w["pid"]) for w in health["details"]["before"].values()}
     record_property("exposure", {**exposure, "killed_at": killed_at})
